@@ -1,0 +1,219 @@
+"""Scoring weight vectors on a landscape dataset, with early exit.
+
+A walk asks one question many times: is the metric at w past a level? Both metrics
+are sums of non-negative per-sample terms (the loss, or the error indicator), so a
+partial sum over some of the samples bounds the full one from below, and for
+accuracy also from above. Scoring stops as soon as the bounds decide the question.
+The landscape keeps its samples ordered hardest-first (by per-sample loss at w*), so
+that a point past the level proves it within the first chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from volume_ray.directions import PerturbedParameters
+
+__all__ = ["METRICS", "Landscape", "Scores", "correct_predictions"]
+
+METRICS = ("loss", "accuracy")
+DEFAULT_CHUNKS = 4  # chunks per pass when batch_size is not given: the early-exit grain
+MAX_AUTO_BATCH = 4096  # samples per chunk at most, when batch_size is not given
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def correct_predictions(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Boolean per sample (any leading dims broadcast): is the prediction right?
+
+    One output column is a binary logit (positive means class 1). Float targets shaped
+    like the outputs are one-hot or soft (MSE heads): compared by argmax. Otherwise
+    targets are class indices compared with the argmax of the outputs.
+    """
+    if outputs.shape[-1] == 1:
+        return (outputs[..., 0] > 0) == (targets.reshape(targets.shape[0]) > 0.5)
+    if targets.is_floating_point() and targets.shape == outputs.shape[-targets.dim() :]:
+        return outputs.argmax(-1) == targets.argmax(-1)
+    return outputs.argmax(-1) == targets
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Bounds on the summed per-sample metric of each scored point.
+
+    `lower == upper` when every sample was scored. `samples` counts the samples
+    scored per point, the cost that early exit saves.
+    """
+
+    lower: np.ndarray  # (P,) float64
+    upper: np.ndarray  # (P,) float64
+    samples: np.ndarray  # (P,) int64
+
+
+class Landscape:
+    """A landscape set on one device, and the metric of any weight vector on it.
+
+    `metric="loss"` sums `loss_fn` per sample (the loss is assumed to be a mean over
+    the batch of non-negative per-sample terms, as the usual PyTorch losses are);
+    `metric="accuracy"` counts errors. Points are given as flat weight vectors in the
+    layout of `params`; `points_per_pass > 1` scores that many per forward pass with
+    `torch.func.vmap`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: PerturbedParameters,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: LossFn,
+        *,
+        metric: str = "loss",
+        batch_size: int | None = None,
+        points_per_pass: int = 1,
+    ):
+        self.model = model
+        self.params = params
+        self.loss_fn = loss_fn
+        self.metric = metric
+        self.points_per_pass = points_per_pass
+        self.size = len(x)
+        self.sample_max = math.inf if metric == "loss" else 1.0
+        if batch_size is None:
+            batch_size = min(MAX_AUTO_BATCH, max(1, math.ceil(self.size / DEFAULT_CHUNKS)))
+        starts = range(0, self.size, batch_size)
+        self._chunks = [(s, min(s + batch_size, self.size)) for s in starts]
+        self._modules_params = [model.get_parameter(name) for name in params.names]
+        self.x, self.y = x, y
+        order = self._hardest_first(params.flat)
+        if order is not None:
+            self.x, self.y = x[order], y[order]
+        still = params.flat.new_zeros(1, params.count)
+        base = self.score(
+            params.flat, still, [0], [0.0], np.array([math.inf]), np.array([-math.inf])
+        )
+        self.base_total = float(base.lower[0])
+
+    def _forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model at weights `flat` (n,) on `x`, without touching the module."""
+        return functional_call(self.model, self.params.tensors(flat), (x,))
+
+    @contextmanager
+    def _loaded(self, flat: torch.Tensor) -> Iterator[None]:
+        """Point the module's parameters at `flat` (n,) for a while, then restore the
+        very tensors they held: cheaper than `functional_call` once per chunk."""
+        saved = [p.data for p in self._modules_params]
+        try:
+            for p, view in zip(self._modules_params, self.params.tensors(flat).values()):
+                p.data = view
+            yield
+        finally:
+            for p, data in zip(self._modules_params, saved):
+                p.data = data
+
+    def _hardest_first(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """Sample order by descending per-sample loss at `flat`, or None if the loss
+        cannot be split per sample (a loss that vmap does not support)."""
+
+        def one(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return self.loss_fn(out.unsqueeze(0), target.unsqueeze(0))
+
+        per_sample = []
+        try:
+            with torch.no_grad():
+                for start, stop in self._chunks:
+                    out = self._forward(flat, self.x[start:stop])
+                    per_sample.append(vmap(one)(out, self.y[start:stop]))
+        except RuntimeError:
+            return None
+        return torch.cat(per_sample).argsort(descending=True, stable=True)
+
+    def _sums(self, outputs: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        """Summed metric of a chunk, per weight set: outputs (P, B, ...) -> (P,)."""
+        if self.metric == "accuracy":
+            wrong = ~correct_predictions(outputs, y)  # (P, B)
+            return wrong.flatten(1).sum(1).cpu().numpy().astype(np.float64)
+        if len(outputs) == 1:
+            return np.array([self.loss_fn(outputs[0], y).item() * len(y)])
+        means = vmap(self.loss_fn, in_dims=(0, None))(outputs, y)  # (P,)
+        return means.double().cpu().numpy() * len(y)
+
+    @torch.no_grad()
+    def score(
+        self,
+        origin: torch.Tensor,
+        directions: torch.Tensor,
+        rows: Sequence[int],
+        coefficients: Sequence[float],
+        stop_above: np.ndarray,
+        stop_below: np.ndarray,
+    ) -> Scores:
+        """Bounds on the summed metric at the points origin + coefficients[k] *
+        directions[rows[k]], for origin (n,) and directions (B, n).
+
+        Scoring of a point stops once its lower bound exceeds `stop_above[k]` (past
+        every level that matters) or its upper bound is at most `stop_below[k]` (past
+        none). A NaN or inf sum stops at once and reads as past every level.
+        """
+        count = len(rows)
+        totals = np.zeros(count)
+        samples = np.zeros(count, dtype=np.int64)
+        for group in np.array_split(np.arange(count), math.ceil(count / self.points_per_pass)):
+            if len(group) == 1:
+                (k,) = group
+                weights = torch.add(origin, directions[rows[k]], alpha=coefficients[k])[None]
+            else:
+                scale = torch.tensor([coefficients[k] for k in group], dtype=origin.dtype)
+                along = directions[torch.as_tensor([rows[k] for k in group])]  # (G, n)
+                weights = torch.addcmul(origin, scale.to(origin.device)[:, None], along)
+            sums = self._score_points(weights, stop_above[group], stop_below[group])
+            totals[group], samples[group] = sums
+        unscored = self.size - samples
+        upper = np.where(unscored > 0, totals + unscored * self.sample_max, totals)
+        upper[~np.isfinite(totals)] = math.inf
+        return Scores(lower=totals, upper=upper, samples=samples)
+
+    def _score_points(
+        self, weights: torch.Tensor, stop_above: np.ndarray, stop_below: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Summed metric and samples scored for each of `weights` (G, n)."""
+        if len(weights) == 1:
+            with self._loaded(weights[0]):
+                return self._score_chunks(
+                    lambda _, x: self.model(x).unsqueeze(0), stop_above, stop_below
+                )
+        batched = vmap(self._forward, in_dims=(0, None))
+        return self._score_chunks(
+            lambda active, x: batched(weights[torch.as_tensor(active)], x), stop_above, stop_below
+        )
+
+    def _score_chunks(
+        self,
+        outputs_of: Callable[[np.ndarray, torch.Tensor], torch.Tensor],
+        stop_above: np.ndarray,
+        stop_below: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk by chunk, the summed metric of G points whose outputs on a chunk are
+        `outputs_of(active, x)`; a point leaves `active` once decided."""
+        totals = np.zeros(len(stop_above))
+        samples = np.zeros(len(stop_above), dtype=np.int64)
+        active = np.arange(len(stop_above))
+        for start, stop in self._chunks:
+            x, y = self.x[start:stop], self.y[start:stop]
+            totals[active] += self._sums(outputs_of(active, x), y)
+            samples[active] += stop - start
+            remaining = self.size - stop
+            running = totals[active]
+            most = running + remaining * self.sample_max if remaining else running
+            active = active[(running <= stop_above[active]) & (most > stop_below[active])]
+            if len(active) == 0:
+                break
+        return totals, samples

@@ -1,0 +1,305 @@
+"""Where a walk first crosses a threshold: one search per direction.
+
+A search is a small state machine over the coefficient c of one walk w* + c*d.
+`propose()` names the next coefficient to score, with the bounds at which scoring may
+stop early; `record()` takes the bounds the landscape returned. Searches know nothing
+of models, devices or Ray, so a driver can score the proposals of many directions in
+one pass and the logic stays testable on plain functions.
+
+Values and levels are in the landscape's units: summed per-sample metric, where
+"past a level" means the sum is above it. A NaN or inf sum is past every level.
+
+- `GridSearch` is the paper's stage 1: the first grid coefficient past the level.
+- `BracketSearch` brackets the first crossing, then refines it to `rtol` by inverse
+  interpolation on log(value - base) against log(c), which is close to a straight
+  line near a minimum (exactly so, with slope 2, on a quadratic bowl), safeguarded by
+  geometric bisection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_RTOL",
+    "BracketSearch",
+    "Crossing",
+    "GridSearch",
+    "Hint",
+    "Proposal",
+    "paper_grid",
+]
+
+DEFAULT_RTOL = 1e-4
+XTOL = 1e-12  # a crossing closer to 0 than this fraction of max_coefficient reads as 0
+INITIAL_FRACTION = 1 / 16  # the first probe, as a fraction of max_coefficient
+MAX_GROWTH = 4.0  # an unbracketed search moves by at most this factor per step
+EXIT_FACTOR = 4.0  # loss sums up to this multiple of the top pending level are scored fully
+MIN_SHRINK = 0.5  # a bracket that shrinks less than this twice in a row is bisected
+
+
+def paper_grid() -> np.ndarray:
+    """The paper's coefficient grid, linspace(0, 1, 100)**2: fine near 0."""
+    return np.linspace(0.0, 1.0, 100) ** 2
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """The answer for one level.
+
+    `coefficient` is the first coefficient seen past the level (0 if the base already
+    is); for a censored walk, the bound the search reached. `nonfinite` says the
+    value there was NaN or inf.
+    """
+
+    coefficient: float
+    censored: bool
+    nonfinite: bool
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Score the walk at `coefficient`; stopping is allowed once the lower bound of the
+    sum exceeds `stop_above` or its upper bound is at most `stop_below`."""
+
+    coefficient: float
+    stop_above: float
+    stop_below: float
+
+
+@dataclass(frozen=True)
+class Hint:
+    """Where a similar walk crossed a level, and the slope of log(value - base)
+    against log c there: a good first probe and extrapolation for the next walk."""
+
+    coefficient: float
+    slope: float
+
+
+@dataclass(frozen=True)
+class _Point:
+    c: float
+    lower: float
+    upper: float
+
+    @property
+    def exact(self) -> bool:
+        return self.lower == self.upper and math.isfinite(self.lower)
+
+    def past(self, level: float) -> bool | None:
+        """Past `level`? None when the bounds do not decide it."""
+        if not math.isfinite(self.lower) or self.lower > level:
+            return True
+        if self.upper <= level:
+            return False
+        return None
+
+
+class GridSearch:
+    """The first coefficient of `grid` whose value is past each level (paper parity).
+
+    The base value counts as the point c = 0. Scoring stops once every level has
+    crossed, unless `full_curve` asks for every grid point scored fully; `curve` then
+    holds the value at each grid point, so thresholds can be re-applied later.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[float],
+        base: float,
+        grid: np.ndarray,
+        *,
+        full_curve: bool = False,
+    ):
+        self.levels = [float(level) for level in levels]
+        self.grid = grid
+        self.full_curve = full_curve
+        self.curve: list[float] = []
+        self._hits: list[_Point | None] = [None] * len(self.levels)
+        self._next = 0
+        self._note(_Point(0.0, base, base))
+        self._base = base
+
+    def _note(self, point: _Point) -> None:
+        for k, level in enumerate(self.levels):
+            if self._hits[k] is None and point.past(level):
+                self._hits[k] = point
+
+    def _pending(self) -> list[float]:
+        return [level for level, hit in zip(self.levels, self._hits) if hit is None]
+
+    def propose(self) -> Proposal | None:
+        while self._next < len(self.grid) and self.grid[self._next] == 0:
+            self.curve.append(self._base)  # c = 0 is the base, already scored
+            self._next += 1
+        pending = self._pending()
+        if self._next == len(self.grid) or not (pending or self.full_curve):
+            return None
+        if self.full_curve:
+            return Proposal(float(self.grid[self._next]), math.inf, -math.inf)
+        return Proposal(float(self.grid[self._next]), max(pending), min(pending))
+
+    def record(self, coefficient: float, lower: float, upper: float) -> None:
+        self._note(_Point(coefficient, lower, upper))
+        self.curve.append(lower)
+        self._next += 1
+
+    def crossings(self) -> list[Crossing]:
+        last = float(self.grid[-1])
+        return [
+            Crossing(last, True, False)
+            if hit is None
+            else Crossing(hit.c, False, not math.isfinite(hit.lower))
+            for hit in self._hits
+        ]
+
+
+class BracketSearch:
+    """The first crossing of each level, refined until the bracket [lo, hi] around it
+    satisfies hi - lo <= rtol * hi; the answer is hi, a coefficient seen past the level.
+
+    A walk that is not past a level at `max_coefficient` is censored there. Levels
+    share every scored point. `hints` (one per level, from another walk of the same
+    model, see `hints()`) set the first probe and the slope used to extrapolate from
+    a single point; without them the first probe is max_coefficient / 16 and the
+    slope that of a bowl, 2. `interpolate=False` (for step-like metrics such as the
+    error count) uses geometric bisection only. Assumes the value is monotone between
+    the points it scores, as any search on a finite budget must.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[float],
+        base: float,
+        *,
+        rtol: float = DEFAULT_RTOL,
+        max_coefficient: float = 1.0,
+        interpolate: bool = True,
+        hints: Sequence[Hint | None] | None = None,
+    ):
+        self.levels = [float(level) for level in levels]
+        self.base = base
+        self.rtol = rtol
+        self.max_coefficient = max_coefficient
+        self.interpolate = interpolate
+        self._hints = dict(zip(self.levels, hints)) if hints is not None else {}
+        self._points = [_Point(0.0, base, base)]
+        self._widths: dict[float, list[float]] = {}  # bracket widths seen, per level
+
+    def _bracket(self, level: float) -> tuple[_Point | None, _Point | None]:
+        """(lo, hi): the first point past `level` and the last one not past it below."""
+        hi = min((p for p in self._points if p.past(level)), key=lambda p: p.c, default=None)
+        below = (p for p in self._points if p.past(level) is False and (hi is None or p.c < hi.c))
+        return max(below, key=lambda p: p.c, default=None), hi
+
+    def _resolved(self, level: float) -> bool:
+        lo, hi = self._bracket(level)
+        if hi is None:
+            return lo.c >= self.max_coefficient
+        if lo is None:
+            return True
+        return hi.c - lo.c <= max(self.rtol * hi.c, XTOL * self.max_coefficient)
+
+    def propose(self) -> Proposal | None:
+        pending = [level for level in self.levels if not self._resolved(level)]
+        if not pending:
+            return None
+        c = self._next_coefficient(min(pending))
+        exit_factor = EXIT_FACTOR if self.interpolate else 1.0
+        return Proposal(c, exit_factor * max(pending), min(pending))
+
+    def record(self, coefficient: float, lower: float, upper: float) -> None:
+        self._points.append(_Point(coefficient, lower, upper))
+
+    def crossings(self) -> list[Crossing]:
+        answers = []
+        for level in self.levels:
+            lo, hi = self._bracket(level)
+            if hi is None:
+                answers.append(Crossing(lo.c, True, False))
+            else:
+                answers.append(Crossing(hi.c, False, not math.isfinite(hi.lower)))
+        return answers
+
+    def hints(self) -> list[Hint | None]:
+        """What this finished walk tells the next one, per level (None where it crossed
+        at 0 or not at all)."""
+        answers: list[Hint | None] = []
+        for level, crossing in zip(self.levels, self.crossings()):
+            if crossing.censored or crossing.coefficient == 0:
+                answers.append(None)
+                continue
+            near = sorted(
+                (p.c, gap)
+                for p in self._points
+                if (gap := self._log_gap(p, level)) is not None and abs(gap) <= 2.0
+            )
+            slope = 2.0
+            if len(near) >= 2 and near[-1][0] > near[0][0]:
+                (c0, g0), (c1, g1) = near[0], near[-1]
+                slope = min(max((g1 - g0) / math.log(c1 / c0), 1.0), 16.0)
+            answers.append(Hint(crossing.coefficient, slope))
+        return answers
+
+    # -- choosing the next coefficient ---------------------------------------------
+
+    def _next_coefficient(self, level: float) -> float:
+        lo, hi = self._bracket(level)
+        hint = self._hints.get(level)
+        slope = hint.slope if hint is not None else 2.0
+        guess = self._estimate(level, slope) if self.interpolate else None
+        if hi is None:  # grow from lo, by at most MAX_GROWTH per step
+            if lo.c == 0:
+                first = hint.coefficient if hint else INITIAL_FRACTION * self.max_coefficient
+                return min(first, self.max_coefficient)
+            factor = MAX_GROWTH if guess is None else guess / lo.c
+            return min(lo.c * min(max(factor, 1 + self.rtol), MAX_GROWTH), self.max_coefficient)
+        low = lo.c if lo is not None else 0.0
+        widths = self._widths.setdefault(level, [])
+        widths.append(hi.c - low)
+        stalled = len(widths) >= 4 and widths[-1] > MIN_SHRINK * widths[-4]
+        tol = 0.5 * self.rtol * hi.c
+        if guess is None or stalled:
+            guess = math.sqrt(low * hi.c) if low > 0 else hi.c / MAX_GROWTH
+        else:  # aim a little past the estimate, away from the latest point
+            guess += 0.5 * tol if self._points[-1] is lo else -0.5 * tol
+        return min(max(guess, low + tol), hi.c - tol)
+
+    def _log_gap(self, point: _Point, level: float) -> float | None:
+        """log(value - base) - log(level - base), or None where it is undefined."""
+        if not (point.exact and point.c > 0 and point.lower > self.base and level > self.base):
+            return None
+        return math.log(point.lower - self.base) - math.log(level - self.base)
+
+    def _estimate(self, level: float, slope: float) -> float | None:
+        """Where log(value - base) meets log(level - base), as a function of log c.
+
+        Inverse interpolation through the (up to) three scored points nearest the
+        level; from a single point, a straight line of the given slope.
+        """
+        candidates = sorted(
+            (gap, math.log(p.c))
+            for p in self._points
+            if (gap := self._log_gap(p, level)) is not None
+        )
+        nodes: list[tuple[float, float]] = []
+        for gap, log_c in sorted(candidates, key=lambda node: abs(node[0])):
+            if len(nodes) < 3 and all(gap != g for g, _ in nodes):
+                nodes.append((gap, log_c))
+        if not nodes:
+            return None
+        if len(nodes) == 1:
+            gap, log_c = nodes[0]
+            return math.exp(log_c - gap / slope)
+        log_c = 0.0  # Lagrange form of the inverse interpolant, at gap 0
+        for i, (g_i, u_i) in enumerate(nodes):
+            weight = 1.0
+            for j, (g_j, _) in enumerate(nodes):
+                if j != i:
+                    weight *= g_j / (g_j - g_i)
+            log_c += weight * u_i
+        return math.exp(log_c)
