@@ -176,8 +176,9 @@ class Landscape:
                 weights = torch.addcmul(origin, scale.to(origin.device)[:, None], along)
             sums = self._score_points(weights, stop_above[group], stop_below[group])
             totals[group], samples[group] = sums
-        unscored = self.size - samples
-        upper = np.where(unscored > 0, totals + unscored * self.sample_max, totals)
+        upper = totals.copy()
+        unscored = samples < self.size
+        upper[unscored] += (self.size - samples[unscored]) * self.sample_max
         upper[~np.isfinite(totals)] = math.inf
         return Scores(lower=totals, upper=upper, samples=samples)
 

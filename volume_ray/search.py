@@ -294,12 +294,14 @@ class BracketSearch:
             return None
         if len(nodes) == 1:
             gap, log_c = nodes[0]
-            return math.exp(log_c - gap / slope)
-        log_c = 0.0  # Lagrange form of the inverse interpolant, at gap 0
-        for i, (g_i, u_i) in enumerate(nodes):
-            weight = 1.0
-            for j, (g_j, _) in enumerate(nodes):
-                if j != i:
-                    weight *= g_j / (g_j - g_i)
-            log_c += weight * u_i
-        return math.exp(log_c)
+            log_c -= gap / slope
+        else:
+            log_c = 0.0  # Lagrange form of the inverse interpolant, at gap 0
+            for i, (g_i, u_i) in enumerate(nodes):
+                weight = 1.0
+                for j, (g_j, _) in enumerate(nodes):
+                    if j != i:
+                        weight *= g_j / (g_j - g_i)
+                log_c += weight * u_i
+        # capped, so that a wild extrapolation cannot overflow; callers clamp anyway
+        return math.exp(min(log_c, math.log(MAX_GROWTH * self.max_coefficient)))

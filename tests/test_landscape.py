@@ -1,0 +1,96 @@
+"""Landscape scoring against plain forward passes, and its early-exit bounds."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from volume_ray.directions import perturbed_parameters, raw_directions
+from volume_ray.landscape import Landscape, correct_predictions
+
+INF = np.inf
+
+
+def plain_totals(model, params, directions, coefficients, x, y):
+    """Summed loss and error count at each point, by a plain full-batch forward."""
+    losses, errors = [], []
+    for d, c in zip(directions, coefficients):
+        walked = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, value in params.tensors(params.flat + c * d).items():
+                walked.get_parameter(name).copy_(value)
+            out = walked(x)
+        losses.append(F.cross_entropy(out, y, reduction="sum").item())
+        errors.append((out.argmax(1) != y).sum().item())
+    return np.array(losses), np.array(errors, dtype=float)
+
+
+@pytest.fixture
+def walk(model, digits):
+    params = perturbed_parameters(model)
+    directions = raw_directions(params, seed=1, indices=range(4)) * 0.05
+    coefficients = [0.0, 0.5, 1.0, 2.0]
+    losses, errors = plain_totals(model, params, directions, coefficients, *digits)
+    return params, directions, coefficients, losses, errors
+
+
+@pytest.mark.parametrize("points_per_pass", [1, 3])
+def test_full_scores_equal_a_plain_forward(model, digits, walk, points_per_pass):
+    params, directions, coefficients, losses, errors = walk
+    for metric, expected in (("loss", losses), ("accuracy", errors)):
+        landscape = Landscape(
+            model, params, *digits, F.cross_entropy, metric=metric, batch_size=128,
+            points_per_pass=points_per_pass,
+        )  # fmt: skip
+        scores = landscape.score(
+            params.flat, directions, range(4), coefficients, np.full(4, INF), np.full(4, -INF)
+        )
+        np.testing.assert_allclose(scores.lower, expected, rtol=1e-5)
+        np.testing.assert_array_equal(scores.lower, scores.upper)
+        assert (scores.samples == 600).all()
+        assert landscape.base_total == pytest.approx(expected[0], rel=1e-5)
+
+
+def test_early_exit_bounds_hold_for_loss(model, digits, walk):
+    params, directions, coefficients, losses, _ = walk
+    landscape = Landscape(model, params, *digits, F.cross_entropy, batch_size=50)
+    level = losses[1:].min() / 4  # every walked point is well past it
+    scores = landscape.score(
+        params.flat, directions, [1, 2, 3], coefficients[1:], np.full(3, level), np.full(3, -INF)
+    )
+    assert (scores.lower > level).all()
+    assert (scores.lower <= losses[1:] * (1 + 1e-6)).all()
+    assert (scores.upper == INF).all()  # a loss has no upper bound per sample
+    assert (scores.samples < 600).all()
+
+
+def test_early_exit_bounds_hold_for_errors(model, digits, walk):
+    params, directions, coefficients, _, errors = walk
+    landscape = Landscape(model, params, *digits, F.cross_entropy, metric="accuracy", batch_size=50)
+    high = errors[3] + 300  # no point can be past this: stops once the upper bound is below
+    scores = landscape.score(
+        params.flat, directions, [3], [coefficients[3]], np.array([INF]), np.array([high])
+    )
+    assert scores.lower[0] <= errors[3] <= scores.upper[0] <= high
+    assert scores.samples[0] < 600
+
+
+def test_samples_are_ordered_hardest_first(model, digits):
+    params = perturbed_parameters(model)
+    landscape = Landscape(model, params, *digits, F.cross_entropy)
+    with torch.no_grad():
+        per_sample = F.cross_entropy(model(landscape.x), landscape.y, reduction="none")
+    assert (per_sample[:-1] >= per_sample[1:]).all()
+
+
+def test_correct_predictions_reads_every_head():
+    logits = torch.tensor([[2.0, 0.1], [0.0, 3.0]])
+    assert correct_predictions(logits, torch.tensor([0, 0])).tolist() == [True, False]
+    one_hot = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert correct_predictions(logits, one_hot).tolist() == [True, False]
+    binary = torch.tensor([[0.7], [-0.2]])
+    assert correct_predictions(binary, torch.tensor([[1.0], [1.0]])).tolist() == [True, False]
+    stacked = logits.expand(3, 2, 2)  # (P, B, C): several weight sets at once
+    assert correct_predictions(stacked, torch.tensor([0, 1])).all()

@@ -1,0 +1,144 @@
+"""Searches on plain functions whose crossings are known (no model involved)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from volume_ray.search import BracketSearch, GridSearch, Hint, paper_grid
+
+
+def drive(search, f):
+    """Score every proposal exactly with f; return the crossings and the evaluations."""
+    evals = 0
+    while (proposal := search.propose()) is not None:
+        value = f(proposal.coefficient)
+        search.record(proposal.coefficient, value, value)
+        evals += 1
+    return search.crossings(), evals
+
+
+# (name, f, level, first crossing of f past level)
+CATALOGUE = [
+    ("bowl", lambda c: 1 + 3 * c**2, 1.5, math.sqrt(0.5 / 3)),
+    ("quintic", lambda c: 0.01 + c**5, 0.02, 0.01 ** (1 / 5)),
+    ("exponential", lambda c: math.exp(8 * c), 5.0, math.log(5.0) / 8),
+    ("steep_polynomial", lambda c: 1e-3 + 10 * c**2 + 1e3 * c**8, 0.1, None),
+    ("sigmoid", lambda c: 1 / (1 + math.exp(-(c - 0.3) / 0.01)), 0.5, 0.3),
+    ("kink", lambda c: 0.1 + (0.2 * c if c < 0.5 else 0.1 + 5 * (c - 0.5)), 1.0, 0.66),
+    ("dip_below_base", lambda c: 1 - c + 3 * c**2, 2.0, (1 + math.sqrt(13)) / 6),
+]
+
+
+def _root(f, level, hi=1.0):
+    """Reference crossing by plain bisection on a monotone stretch (to 1e-15)."""
+    lo = 0.0
+    while hi - lo > 1e-15:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if f(mid) > level else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-8])
+@pytest.mark.parametrize("name,f,level,root", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bracket_search_finds_the_crossing_to_rtol(name, f, level, root, rtol):
+    root = root if root is not None else _root(f, level)
+    (crossing,), evals = drive(BracketSearch([level], f(0.0), rtol=rtol), f)
+    assert not crossing.censored and not crossing.nonfinite
+    # the answer is a point past the level, at most rtol above the true crossing
+    assert root * (1 - 1e-12) <= crossing.coefficient <= root / (1 - rtol)
+    assert f(crossing.coefficient) > level
+    assert evals <= (16 if rtol == 1e-4 else 24)
+
+
+def test_smooth_bowl_converges_superlinearly():
+    f = CATALOGUE[0][1]
+    _, evals = drive(BracketSearch([1.5], f(0.0), rtol=1e-8), f)
+    assert evals <= 5  # log-log interpolation is exact on a bowl
+
+
+def test_a_good_hint_saves_evaluations():
+    _, f, level, root = CATALOGUE[4]  # sigmoid: a cold start needs many steps
+    _, cold = drive(BracketSearch([level], f(0.0)), f)
+    (crossing,), warm = drive(BracketSearch([level], f(0.0), hints=[Hint(root * 1.05, 3.0)]), f)
+    assert warm < cold
+    assert root <= crossing.coefficient <= root / (1 - 1e-4)
+
+
+def test_levels_share_points_and_each_is_right():
+    f = CATALOGUE[2][1]
+    levels = [2.0, 5.0, 3.0]
+    crossings, evals = drive(BracketSearch(levels, f(0.0), rtol=1e-6), f)
+    for level, crossing in zip(levels, crossings):
+        root = math.log(level) / 8
+        assert root <= crossing.coefficient <= root / (1 - 1e-6)
+    _, alone = drive(BracketSearch([5.0], f(0.0), rtol=1e-6), f)
+    assert evals < 3 * alone
+
+
+def test_bisection_finds_a_step():
+    def f(c):
+        return math.floor(c * 100) / 100
+
+    (crossing,), _ = drive(BracketSearch([0.305], 0.0, interpolate=False, rtol=1e-6), f)
+    assert 0.31 <= crossing.coefficient <= 0.31 / (1 - 1e-6)
+
+
+def test_never_crossing_is_censored_at_max_coefficient():
+    (crossing,), _ = drive(BracketSearch([10.0], 1.0, max_coefficient=0.5), lambda c: 1 + c)
+    assert crossing.censored
+    assert crossing.coefficient == 0.5
+
+
+def test_base_past_the_level_gives_zero_without_evaluating():
+    crossings, evals = drive(BracketSearch([0.5], 1.0), lambda c: 1 + c)
+    assert crossings[0].coefficient == 0 and not crossings[0].censored
+    assert evals == 0
+
+
+def test_nan_counts_as_past_every_level_and_is_flagged():
+    def f(c):
+        return math.nan if c > 0.4 else 1 + c
+
+    (crossing,), _ = drive(BracketSearch([100.0], 1.0), f)
+    assert crossing.nonfinite and not crossing.censored
+    assert 0.4 < crossing.coefficient <= 0.4 / (1 - 1e-4)
+
+
+def test_a_lower_bound_past_the_level_counts_as_past():
+    search = BracketSearch([1.0], 0.0, rtol=1e-3)
+    while (proposal := search.propose()) is not None:
+        c = proposal.coefficient
+        if c > 0.2:
+            search.record(c, proposal.stop_above + 1, math.inf)  # stopped early
+        else:
+            search.record(c, c, c)
+    (crossing,) = search.crossings()
+    assert 0.2 < crossing.coefficient <= 0.2 / (1 - 1e-3)
+
+
+def test_grid_search_takes_the_first_grid_point_past_each_level():
+    grid = paper_grid()
+    f = CATALOGUE[1][1]
+    levels = [0.02, 0.5, 5.0]
+    search = GridSearch(levels, f(0.0), grid)
+    crossings, evals = drive(search, f)
+    values = np.array([f(c) for c in grid])
+    for level, crossing in zip(levels[:2], crossings):
+        assert crossing.coefficient == grid[np.argmax(values > level)]
+    assert crossings[2].censored and crossings[2].coefficient == grid[-1]
+    assert evals == len(grid) - 1  # c = 0 is the base, never rescored
+
+
+def test_grid_search_stops_once_every_level_crossed():
+    f = CATALOGUE[1][1]
+    _, evals = drive(GridSearch([0.02], f(0.0), paper_grid()), f)
+    values = np.array([f(c) for c in paper_grid()])
+    assert evals == np.argmax(values > 0.02)
+
+
+def test_full_curve_keeps_every_value():
+    grid = np.array([0.0, 0.1, 0.2, 0.4])
+    search = GridSearch([0.01], 0.0, grid, full_curve=True)
+    drive(search, lambda c: c)
+    assert search.curve == [0.0, 0.1, 0.2, 0.4]
