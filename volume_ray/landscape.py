@@ -25,8 +25,8 @@ from volume_ray.directions import PerturbedParameters
 __all__ = ["METRICS", "Landscape", "Scores", "correct_predictions"]
 
 METRICS = ("loss", "accuracy")
-DEFAULT_CHUNKS = 4  # chunks per pass when batch_size is not given: the early-exit grain
-MAX_AUTO_BATCH = 4096  # samples per chunk at most, when batch_size is not given
+FIRST_CHUNK_FRACTION = 1 / 8  # without batch_size: the hardest eighth is scored first,
+MAX_AUTO_BATCH = 4096  # then the rest in chunks of at most this many samples
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,6 +43,18 @@ def correct_predictions(outputs: torch.Tensor, targets: torch.Tensor) -> torch.T
     if targets.is_floating_point() and targets.shape == outputs.shape[-targets.dim() :]:
         return outputs.argmax(-1) == targets.argmax(-1)
     return outputs.argmax(-1) == targets
+
+
+def _chunks(size: int, batch_size: int | None) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk. A point far past its level is proved so by the
+    hardest samples alone, while a point near it needs every sample: so by default a
+    small first chunk, then chunks as large as memory comfortably allows."""
+    if batch_size is not None:
+        starts = list(range(0, size, batch_size))
+    else:
+        first = max(1, math.ceil(size * FIRST_CHUNK_FRACTION))
+        starts = [0, *range(first, size, MAX_AUTO_BATCH)]
+    return list(zip(starts, [*starts[1:], size]))
 
 
 @dataclass(frozen=True)
@@ -87,10 +99,7 @@ class Landscape:
         self.points_per_pass = points_per_pass
         self.size = len(x)
         self.sample_max = math.inf if metric == "loss" else 1.0
-        if batch_size is None:
-            batch_size = min(MAX_AUTO_BATCH, max(1, math.ceil(self.size / DEFAULT_CHUNKS)))
-        starts = range(0, self.size, batch_size)
-        self._chunks = [(s, min(s + batch_size, self.size)) for s in starts]
+        self._chunks = _chunks(self.size, batch_size)
         self._modules_params = [model.get_parameter(name) for name in params.names]
         self.x, self.y = x, y
         order = self._hardest_first(params.flat)

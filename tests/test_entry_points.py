@@ -1,0 +1,57 @@
+"""The README's commands, the CLI and the benchmark run as a newcomer would run them."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from volume_ray.cli import main
+from volume_ray.estimators import VOLUME_COLUMNS
+from volume_ray.measure import RADII_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    block = re.search(
+        r"## Two commands.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S
+    )
+    return [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_runs_the_readme_test_command():
+    install_and_run, install_and_test = readme_commands()
+    assert install_and_run.endswith("volume-ray demo")
+    assert install_and_test in (ROOT / ".ci" / "run").read_text()
+
+
+def test_demo_writes_the_tables(tmp_path, capsys):
+    code = main(
+        ["demo", "--directions", "4", "--hidden", "16", "--epochs", "30", "--thresholds", "5.0",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    radii = pd.read_parquet(tmp_path / "radii.parquet")
+    volumes = pd.read_parquet(tmp_path / "volumes.parquet")
+    assert list(radii.columns) == RADII_COLUMNS and len(radii) == 4
+    assert list(volumes.columns) == VOLUME_COLUMNS and len(volumes) == 2
+    assert "log_volume" in capsys.readouterr().out
+
+
+def test_demo_rejects_bad_numbers(capsys):
+    code = main(
+        ["demo", "--directions", "2", "--hidden", "8", "--epochs", "1", "--thresholds", "-1"]
+    )
+    assert code == 2
+    assert "thresholds" in capsys.readouterr().err
+
+
+def test_radius_benchmark_runs():
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_radius_search.py"), "--smoke"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "speed-up per direction" in run.stdout
