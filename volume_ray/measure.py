@@ -40,7 +40,7 @@ RADII_COLUMNS = [
     "data_passes",
     "nonfinite",
 ]
-BLOCK_FLOATS = 2**24  # directions held at once: about this many scalars (64 MiB in fp32)
+BLOCK_FLOATS = 2**24  # scalars held per block of directions (64 MiB in fp32), see below
 CUDA_POINTS_PER_PASS = 16  # default batch of weight sets per forward pass on a GPU
 
 
@@ -94,8 +94,12 @@ def measure_radii(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if next(model.parameters()).device != device:
         model = copy.deepcopy(model).to(device)
+    # Memory cap: a block of directions, and the weight sets stacked for one pass,
+    # each hold about BLOCK_FLOATS scalars at most.
+    per_block = max(1, min(num_directions, BLOCK_FLOATS // _parameter_count(model)))
     if points_per_pass is None:
         points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
+    points_per_pass = min(points_per_pass, per_block)
     was_training = model.training
     model.eval()
     try:
@@ -107,9 +111,7 @@ def measure_radii(
         levels = _levels(metric, thresholds, landscape.size)
         _warn_if_base_is_past(metric, thresholds, levels, landscape.base_total)
 
-        to_norm = FilterNorm(params, filter_norm)
-
-        def new_search(hints: list[Hint | None] | None = None) -> BracketSearch | GridSearch:
+        def new_search(hints: list[Hint | None] | None) -> GridSearch | BracketSearch:
             if search == "grid":
                 return GridSearch(levels, landscape.base_total, grid, full_curve=full_curve)
             return BracketSearch(
@@ -117,63 +119,101 @@ def measure_radii(
                 interpolate=metric == "loss", hints=hints,
             )  # fmt: skip
 
-        hints = None
-        if search == "bisect":  # direction 0 guides every shard alike
-            pilot = new_search()
-            _run_searches([pilot], landscape, params.flat, to_norm(_raw(params, seed, [0], device)))
-            hints = pilot.hints()
-        per_block = max(1, min(num_directions, BLOCK_FLOATS // params.count))
-        frames = []
-        for first in range(start, start + num_directions, per_block):
-            indices = list(range(first, min(first + per_block, start + num_directions)))
-            raw = _raw(params, seed, indices, device)  # (B, n)
-            directions = to_norm(raw)  # (B, n)
-            searches = [new_search(hints) for _ in indices]
-            evals, samples = _run_searches(searches, landscape, params.flat, directions)
-            frames.append(
-                _rows(
-                    indices, seed, thresholds, metric, searches, evals,
-                    samples / landscape.size,
-                    raw.double().norm(dim=1).cpu().numpy(),
-                    directions.double().norm(dim=1).cpu().numpy(),
-                    landscape,
-                )
-            )  # fmt: skip
+        walker = _Walker(
+            landscape, FilterNorm(params, filter_norm), seed, metric, thresholds, new_search
+        )
+        if search == "bisect":
+            walker.take_hints_from_direction_zero()
+        stop = start + num_directions
+        frames = [
+            walker.measure(range(first, min(first + per_block, stop)))
+            for first in range(start, stop, per_block)
+        ]
     finally:
         model.train(was_training)
     return pd.concat(frames, ignore_index=True)
 
 
-def _raw(params, seed: int, indices: list[int], device: torch.device) -> torch.Tensor:
-    return raw_directions(params, seed, indices).to(device)
+class _Walker:
+    """Walks blocks of directions from the trained weights on one landscape."""
+
+    def __init__(self, landscape, to_norm, seed, metric, thresholds, new_search):
+        """`new_search(hints)` makes the search of one walk."""
+        self.landscape = landscape
+        self.to_norm = to_norm
+        self.seed = seed
+        self.metric = metric
+        self.thresholds = thresholds
+        self.new_search = new_search
+        self.hints = None
+
+    def take_hints_from_direction_zero(self) -> None:
+        """Direction 0 guides every other walk's first probe. It does so identically in
+        every shard, so radii never depend on how directions were sharded."""
+        pilot = self.new_search(None)
+        self._run([pilot], self._directions([0])[1])
+        self.hints = pilot.hints()
+
+    def measure(self, indices: Sequence[int]) -> pd.DataFrame:
+        raw, directions = self._directions(indices)
+        searches = [self.new_search(self.hints) for _ in indices]
+        evals, samples = self._run(searches, directions)
+        raw_norms = raw.double().norm(dim=1).cpu().numpy()
+        direction_norms = directions.double().norm(dim=1).cpu().numpy()
+        size = self.landscape.size
+        records = []
+        for j, (index, search) in enumerate(zip(indices, searches)):
+            full_curve = isinstance(search, GridSearch) and search.full_curve
+            for threshold, crossing in zip(self.thresholds, search.crossings()):
+                c = crossing.coefficient
+                record = {
+                    "direction": index,
+                    "seed": self.seed,
+                    "threshold": float(threshold),
+                    "metric": self.metric,
+                    "coefficient": c,
+                    "radius": math.nan if crossing.censored else c * raw_norms[j],
+                    "radius_euclid": math.nan if crossing.censored else c * direction_norms[j],
+                    "raw_norm": raw_norms[j],
+                    "censored": crossing.censored,
+                    "evals": int(evals[j]),
+                    "data_passes": samples[j] / size,
+                    "nonfinite": crossing.nonfinite,
+                }
+                if full_curve:
+                    record["curve"] = _metric_values(self.metric, np.asarray(search.curve), size)
+                records.append(record)
+        return pd.DataFrame.from_records(records)
+
+    def _directions(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw Gaussians g and directions d, both (B, n) on the landscape's device."""
+        params = self.landscape.params
+        raw = raw_directions(params, self.seed, indices).to(params.flat.device)
+        return raw, self.to_norm(raw)
+
+    def _run(self, searches, directions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Drive every search to its end, scoring each round's proposals together;
+        return the evaluations and samples scored per search."""
+        evals = np.zeros(len(searches), dtype=np.int64)
+        samples = np.zeros(len(searches), dtype=np.int64)
+        while asks := [(j, p) for j, s in enumerate(searches) if (p := s.propose()) is not None]:
+            scores = self.landscape.score(
+                self.landscape.params.flat,
+                directions,
+                [j for j, _ in asks],
+                [p.coefficient for _, p in asks],
+                np.array([p.stop_above for _, p in asks]),
+                np.array([p.stop_below for _, p in asks]),
+            )
+            for k, (j, proposal) in enumerate(asks):
+                searches[j].record(proposal.coefficient, scores.lower[k], scores.upper[k])
+                evals[j] += 1
+                samples[j] += scores.samples[k]
+        return evals, samples
 
 
-def _run_searches(
-    searches: list[BracketSearch | GridSearch],
-    landscape: Landscape,
-    origin: torch.Tensor,
-    directions: torch.Tensor,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Drive every search to its end; return evaluations and samples scored per search."""
-    evals = np.zeros(len(searches), dtype=np.int64)
-    samples = np.zeros(len(searches), dtype=np.int64)
-    while True:
-        asks = [(j, s.propose()) for j, s in enumerate(searches)]
-        asks = [(j, p) for j, p in asks if p is not None]
-        if not asks:
-            return evals, samples
-        scores = landscape.score(
-            origin,
-            directions,
-            [j for j, _ in asks],
-            [p.coefficient for _, p in asks],
-            np.array([p.stop_above for _, p in asks]),
-            np.array([p.stop_below for _, p in asks]),
-        )
-        for k, (j, proposal) in enumerate(asks):
-            searches[j].record(proposal.coefficient, scores.lower[k], scores.upper[k])
-            evals[j] += 1
-            samples[j] += scores.samples[k]
+def _parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _levels(metric: str, thresholds: Sequence[float], size: int) -> list[float]:
@@ -194,36 +234,6 @@ def _warn_if_base_is_past(
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _rows(
-    indices, seed, thresholds, metric, searches, evals, passes, raw_norms, dir_norms, landscape
-) -> pd.DataFrame:
-    records = []
-    for j, (index, s) in enumerate(zip(indices, searches)):
-        curve = None
-        if isinstance(s, GridSearch) and s.full_curve:
-            curve = _metric_values(metric, np.asarray(s.curve), landscape.size)
-        for threshold, crossing in zip(thresholds, s.crossings()):
-            c = crossing.coefficient
-            record = {
-                "direction": index,
-                "seed": seed,
-                "threshold": float(threshold),
-                "metric": metric,
-                "coefficient": c,
-                "radius": math.nan if crossing.censored else c * raw_norms[j],
-                "radius_euclid": math.nan if crossing.censored else c * dir_norms[j],
-                "raw_norm": raw_norms[j],
-                "censored": crossing.censored,
-                "evals": int(evals[j]),
-                "data_passes": float(passes[j]),
-                "nonfinite": crossing.nonfinite,
-            }
-            if curve is not None:
-                record["curve"] = curve
-            records.append(record)
-    return pd.DataFrame.from_records(records)
 
 
 def _metric_values(metric: str, totals: np.ndarray, size: int) -> np.ndarray:

@@ -189,6 +189,7 @@ class BracketSearch:
         self._hints = dict(zip(self.levels, hints)) if hints is not None else {}
         self._points = [_Point(0.0, base, base)]
         self._widths: dict[float, list[float]] = {}  # bracket widths seen, per level
+        self._started: set[float] = set()  # levels that had their first probe
 
     def _bracket(self, level: float) -> tuple[_Point | None, _Point | None]:
         """(lo, hi): the first point past `level` and the last one not past it below."""
@@ -249,13 +250,18 @@ class BracketSearch:
 
     def _next_coefficient(self, level: float) -> float:
         lo, hi = self._bracket(level)
+        if level not in self._started:
+            self._started.add(level)
+            first = self._first_probe(level)
+            low, high = (lo.c if lo else 0.0), (hi.c if hi else self.max_coefficient)
+            if first is not None and low < first < high:
+                return first
         hint = self._hints.get(level)
         slope = hint.slope if hint is not None else 2.0
         guess = self._estimate(level, slope) if self.interpolate else None
         if hi is None:  # grow from lo, by at most MAX_GROWTH per step
             if lo.c == 0:
-                first = hint.coefficient if hint else INITIAL_FRACTION * self.max_coefficient
-                return min(first, self.max_coefficient)
+                return INITIAL_FRACTION * self.max_coefficient
             factor = MAX_GROWTH if guess is None else guess / lo.c
             return min(lo.c * min(max(factor, 1 + self.rtol), MAX_GROWTH), self.max_coefficient)
         low = lo.c if lo is not None else 0.0
@@ -268,6 +274,21 @@ class BracketSearch:
         else:  # aim a little past the estimate, away from the latest point
             guess += 0.5 * tol if self._points[-1] is lo else -0.5 * tol
         return min(max(guess, low + tol), hi.c - tol)
+
+    def _first_probe(self, level: float) -> float | None:
+        """Where the hints say this walk crosses `level`: the hinted coefficient, scaled
+        by this walk's own crossing of another level when it has one (walks differ in
+        scale more than in shape)."""
+        hint = self._hints.get(level)
+        if hint is None:
+            return None
+        for other in self.levels:
+            other_hint = self._hints.get(other)
+            if other != level and other_hint is not None and self._resolved(other):
+                crossing = self._bracket(other)[1]
+                if crossing is not None and crossing.c > 0:
+                    return crossing.c * hint.coefficient / other_hint.coefficient
+        return hint.coefficient
 
     def _log_gap(self, point: _Point, level: float) -> float | None:
         """log(value - base) - log(level - base), or None where it is undefined."""
