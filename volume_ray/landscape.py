@@ -101,6 +101,8 @@ class Landscape:
         self.sample_max = math.inf if metric == "loss" else 1.0
         self._chunks = _chunks(self.size, batch_size)
         self._modules_params = [model.get_parameter(name) for name in params.names]
+        self._point = torch.empty_like(params.flat)  # the weights of one point, reused
+        self._point_views = list(params.tensors(self._point).values())
         self.x, self.y = x, y
         order = self._hardest_first(params.flat)
         if order is not None:
@@ -116,12 +118,12 @@ class Landscape:
         return functional_call(self.model, self.params.tensors(flat), (x,))
 
     @contextmanager
-    def _loaded(self, flat: torch.Tensor) -> Iterator[None]:
-        """Point the module's parameters at `flat` (n,) for a while, then restore the
-        very tensors they held: cheaper than `functional_call` once per chunk."""
+    def _point_loaded(self) -> Iterator[None]:
+        """Point the module's parameters at the `_point` buffer for a while, then
+        restore the very tensors they held: cheaper than `functional_call` per chunk."""
         saved = [p.data for p in self._modules_params]
         try:
-            for p, view in zip(self._modules_params, self.params.tensors(flat).values()):
+            for p, view in zip(self._modules_params, self._point_views):
                 p.data = view
             yield
         finally:
@@ -175,35 +177,32 @@ class Landscape:
         count = len(rows)
         totals = np.zeros(count)
         samples = np.zeros(count, dtype=np.int64)
-        for group in np.array_split(np.arange(count), math.ceil(count / self.points_per_pass)):
-            if len(group) == 1:
-                (k,) = group
-                weights = torch.add(origin, directions[rows[k]], alpha=coefficients[k])[None]
+        for first in range(0, count, self.points_per_pass):
+            group = slice(first, first + self.points_per_pass)
+            if count - first == 1 or self.points_per_pass == 1:
+                torch.add(
+                    origin, directions[rows[first]], alpha=coefficients[first], out=self._point
+                )
+                with self._point_loaded():
+                    sums = self._score_chunks(
+                        lambda _, x: self.model(x).unsqueeze(0),  # (1, B, ...)
+                        stop_above[group], stop_below[group],
+                    )  # fmt: skip
             else:
-                scale = torch.tensor([coefficients[k] for k in group], dtype=origin.dtype)
-                along = directions[torch.as_tensor([rows[k] for k in group])]  # (G, n)
+                scale = torch.tensor(coefficients[group], dtype=origin.dtype)
+                along = directions[torch.as_tensor(rows[group])]  # (G, n)
                 weights = torch.addcmul(origin, scale.to(origin.device)[:, None], along)
-            sums = self._score_points(weights, stop_above[group], stop_below[group])
+                batched = vmap(self._forward, in_dims=(0, None))
+                sums = self._score_chunks(
+                    lambda active, x: batched(weights[torch.as_tensor(active)], x),  # noqa: B023
+                    stop_above[group], stop_below[group],
+                )  # fmt: skip
             totals[group], samples[group] = sums
         upper = totals.copy()
         unscored = samples < self.size
         upper[unscored] += (self.size - samples[unscored]) * self.sample_max
         upper[~np.isfinite(totals)] = math.inf
         return Scores(lower=totals, upper=upper, samples=samples)
-
-    def _score_points(
-        self, weights: torch.Tensor, stop_above: np.ndarray, stop_below: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Summed metric and samples scored for each of `weights` (G, n)."""
-        if len(weights) == 1:
-            with self._loaded(weights[0]):
-                return self._score_chunks(
-                    lambda _, x: self.model(x).unsqueeze(0), stop_above, stop_below
-                )
-        batched = vmap(self._forward, in_dims=(0, None))
-        return self._score_chunks(
-            lambda active, x: batched(weights[torch.as_tensor(active)], x), stop_above, stop_below
-        )
 
     def _score_chunks(
         self,
