@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from volume_ray.data import load_digits
-from volume_ray.models import MLP
-from volume_ray.train import train
+from volume_ray.data import load_source
+from volume_ray.models import MLP, build_model
+from volume_ray.train import TrainConfig, train
 
 torch.set_num_threads(2)
 
@@ -16,18 +16,17 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """600 of sklearn's real 8x8 digits."""
-    x, y = load_digits()
-    return x[:600], y[:600]
+    source = load_source("digits")
+    return source.x_train[:600], source.y_train[:600]
 
 
 @pytest.fixture(scope="session")
 def digits_mlp(digits) -> MLP:
     """A 64-32-10 MLP trained on `digits` to a train loss below 1e-3."""
-    x, y = digits
-    torch.manual_seed(0)
-    model = MLP(64, [32], 10)
-    history = train(model, x, y, F.cross_entropy, lr=1e-2, epochs=2000, target_loss=1e-3)
-    assert history[-1] < 1e-3
+    model = build_model("mlp", (64,), 10, hidden=[32], seed=0)
+    config = TrainConfig(lr=1e-2, epochs=2000, target_loss=1e-3)
+    history = train(model, digits, None, F.cross_entropy, config)
+    assert history[-1]["train_loss"] < 1e-3
     return model
 
 

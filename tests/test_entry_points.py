@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from volume_ray.cli import main
 from volume_ray.estimators import VOLUME_COLUMNS
@@ -48,10 +49,14 @@ def test_demo_rejects_bad_numbers(capsys):
     assert "thresholds" in capsys.readouterr().err
 
 
-def test_radius_benchmark_runs():
+@pytest.mark.parametrize(
+    "script,prints",
+    [("bench_radius_search.py", "speed-up per direction"), ("bench_training.py", "samples/s")],
+)
+def test_benchmarks_run(script, prints):
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_radius_search.py"), "--smoke"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "speed-up per direction" in run.stdout
+    assert prints in run.stdout

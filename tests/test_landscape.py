@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from volume_ray.directions import perturbed_parameters, raw_directions
-from volume_ray.landscape import Landscape, correct_predictions
+from volume_ray.landscape import Landscape, sample_accuracy
 
 INF = np.inf
 
@@ -85,12 +85,18 @@ def test_samples_are_ordered_hardest_first(model, digits):
     assert (per_sample[:-1] >= per_sample[1:]).all()
 
 
-def test_correct_predictions_reads_every_head():
+def test_sample_accuracy_reads_every_head():
     logits = torch.tensor([[2.0, 0.1], [0.0, 3.0]])
-    assert correct_predictions(logits, torch.tensor([0, 0])).tolist() == [True, False]
+    assert sample_accuracy(logits, torch.tensor([0, 0])).tolist() == [1.0, 0.0]
     one_hot = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    assert correct_predictions(logits, one_hot).tolist() == [True, False]
+    assert sample_accuracy(logits, one_hot).tolist() == [1.0, 0.0]
     binary = torch.tensor([[0.7], [-0.2]])
-    assert correct_predictions(binary, torch.tensor([[1.0], [1.0]])).tolist() == [True, False]
+    assert sample_accuracy(binary, torch.tensor([[1.0], [1.0]])).tolist() == [1.0, 0.0]
     stacked = logits.expand(3, 2, 2)  # (P, B, C): several weight sets at once
-    assert correct_predictions(stacked, torch.tensor([0, 1])).all()
+    assert sample_accuracy(stacked, torch.tensor([0, 1])).tolist() == [[1.0, 1.0]] * 3
+    sequences = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]]])  # (B=1, T=4, V)
+    assert sample_accuracy(sequences, torch.tensor([[0, 1, 1, 1]])).tolist() == [0.5]
+    assert sample_accuracy(sequences.expand(2, 1, 4, 2), torch.tensor([[0, 1, 1, 1]])).tolist() == [
+        [0.5],
+        [0.5],
+    ]

@@ -21,26 +21,25 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from volume_ray.data import load_digits
+    from volume_ray.data import load_source
     from volume_ray.directions import perturbed_parameters
     from volume_ray.estimators import volume_table
     from volume_ray.measure import measure_radii
-    from volume_ray.models import MLP
+    from volume_ray.models import build_model
     from volume_ray.store import write_table
-    from volume_ray.train import train
+    from volume_ray.train import TrainConfig, train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    x, y = load_digits()
-    torch.manual_seed(args.seed)
-    model = MLP(64, args.hidden, 10)
+    source = load_source("digits", seed=args.seed)
+    x, y = source.x_train, source.y_train
+    model = build_model("mlp", source.input_shape, 10, hidden=args.hidden, seed=args.seed)
     started = time.perf_counter()
-    history = train(
-        model, x, y, F.cross_entropy, epochs=args.epochs, target_loss=1e-3, seed=args.seed
-    )
+    config = TrainConfig(epochs=args.epochs, target_loss=1e-3, seed=args.seed)
+    history = train(model, (x, y), (source.x_test, source.y_test), F.cross_entropy, config)
     print(
-        f"trained MLP 64-{'-'.join(map(str, args.hidden))}-10 on {len(x)} digits: "
-        f"train loss {history[-1]:.2e} after {len(history)} epochs "
-        f"({time.perf_counter() - started:.1f} s)"
+        f"trained MLP 64-{'-'.join(map(str, args.hidden))}-10 on {len(x)} digits: train loss "
+        f"{history[-1]['train_loss']:.2e}, test accuracy {history[-1]['test_acc']:.1%} after "
+        f"{len(history)} epochs ({time.perf_counter() - started:.1f} s)"
     )
     started = time.perf_counter()
     radii = measure_radii(

@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 
 from volume_ray.directions import PerturbedParameters
 
-__all__ = ["METRICS", "Landscape", "Scores", "correct_predictions"]
+__all__ = ["METRICS", "Landscape", "Scores", "sample_accuracy"]
 
 METRICS = ("loss", "accuracy")
 FIRST_CHUNK_FRACTION = 1 / 8  # without batch_size: the hardest eighth is scored first,
@@ -31,18 +31,21 @@ MAX_AUTO_BATCH = 4096  # then the rest in chunks of at most this many samples
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def correct_predictions(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Boolean per sample (any leading dims broadcast): is the prediction right?
+def sample_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Accuracy of each sample, float (..., B), any leading dims of `outputs` broadcast.
 
     One output column is a binary logit (positive means class 1). Float targets shaped
     like the outputs are one-hot or soft (MSE heads): compared by argmax. Otherwise
-    targets are class indices compared with the argmax of the outputs.
+    targets are class indices; for sequences (B, T) the accuracy of a sample is the
+    fraction of its positions predicted right.
     """
     if outputs.shape[-1] == 1:
-        return (outputs[..., 0] > 0) == (targets.reshape(targets.shape[0]) > 0.5)
+        return ((outputs[..., 0] > 0) == (targets.reshape(targets.shape[0]) > 0.5)).float()
     if targets.is_floating_point() and targets.shape == outputs.shape[-targets.dim() :]:
-        return outputs.argmax(-1) == targets.argmax(-1)
-    return outputs.argmax(-1) == targets
+        return (outputs.argmax(-1) == targets.argmax(-1)).float()
+    hits = (outputs.argmax(-1) == targets).float()  # (..., B, T...)
+    positions = tuple(range(hits.dim() - targets.dim() + 1, hits.dim()))
+    return hits.mean(positions) if positions else hits
 
 
 def _chunks(size: int, batch_size: int | None) -> list[tuple[int, int]]:
@@ -150,8 +153,8 @@ class Landscape:
     def _sums(self, outputs: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         """Summed metric of a chunk, per weight set: outputs (P, B, ...) -> (P,)."""
         if self.metric == "accuracy":
-            wrong = ~correct_predictions(outputs, y)  # (P, B)
-            return wrong.flatten(1).sum(1).cpu().numpy().astype(np.float64)
+            errors = (1 - sample_accuracy(outputs, y)).sum(1)  # (P,)
+            return errors.double().cpu().numpy()
         if len(outputs) == 1:
             return np.array([self.loss_fn(outputs[0], y).item() * len(y)])
         means = vmap(self.loss_fn, in_dims=(0, None))(outputs, y)  # (P,)
