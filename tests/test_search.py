@@ -80,7 +80,7 @@ def test_bisection_finds_a_step():
     def f(c):
         return math.floor(c * 100) / 100
 
-    (crossing,), _ = drive(BracketSearch([0.305], 0.0, interpolate=False, rtol=1e-6), f)
+    (crossing,), _ = drive(BracketSearch([0.305], 0.0, rtol=1e-6), f)
     assert 0.31 <= crossing.coefficient <= 0.31 / (1 - 1e-6)
 
 
@@ -142,3 +142,56 @@ def test_full_curve_keeps_every_value():
     search = GridSearch([0.01], 0.0, grid, full_curve=True)
     drive(search, lambda c: c)
     assert search.curve == [0.0, 0.1, 0.2, 0.4]
+
+
+# -- adversarial walks: every search ends, in a bounded number of evaluations -------------
+
+
+def _bump(c):
+    """A bump to 0.9 at c = 0.1 that misleads extrapolation, then a crossing near 0.82."""
+    return 0.9 * math.exp(-(((c - 0.1) / 0.03) ** 2)) + (c / 0.82) ** 4
+
+
+ADVERSARIAL = [
+    ("plateau_at_the_level", lambda c: min(20 * c**2, 1.0) if c < 0.6 else 1 + (c - 0.6), 0.6),
+    ("plateau_just_below", lambda c: min(20 * c**2, 0.999) if c < 0.6 else 1 + (c - 0.6), 0.6),
+    ("misleading_bump", _bump, None),
+    ("crossing_at_1e-9", lambda c: 0.5 if c <= 1e-9 else math.nan, 1e-9),
+]
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-12])
+@pytest.mark.parametrize("name,f,root", ADVERSARIAL, ids=[a[0] for a in ADVERSARIAL])
+def test_adversarial_walks_end_quickly_and_right(name, f, root, rtol):
+    root = (
+        root if root is not None else _root(f, 1.0, hi=0.9) if name != "misleading_bump" else None
+    )
+    (crossing,), evals = drive(BracketSearch([1.0], f(0.0), rtol=rtol), f)
+    assert evals <= 120
+    assert not crossing.censored
+    assert f(crossing.coefficient) > 1.0 or math.isnan(f(crossing.coefficient))
+    if root is not None:
+        assert root * (1 - 1e-12) <= crossing.coefficient <= root / (1 - rtol) + 1e-15
+
+
+def test_a_walk_that_oscillates_below_the_level_is_censored_in_bounded_steps():
+    def f(c):
+        return 0.5 + 0.49 * math.sin(200 * c)
+
+    (crossing,), evals = drive(BracketSearch([1.0], f(0.0), rtol=1e-12), f)
+    assert crossing.censored and crossing.coefficient == 1.0
+    assert evals <= 40
+
+
+def test_a_crossing_at_zero_plus_stops_at_xtol():
+    (crossing,), evals = drive(BracketSearch([1.0], 1.0), lambda c: 1.0 + c)
+    assert 0 < crossing.coefficient <= 1e-12 and evals <= 40
+
+
+@pytest.mark.parametrize("max_coefficient", [1e-3, 1.0, 1e6, 1e14])
+def test_far_search_bounds_still_find_the_crossing(max_coefficient):
+    root = 0.6 * min(max_coefficient, 1.0) ** 1.5  # inside [0, max_coefficient]
+    f = lambda c: 1 + (c / root) ** 2  # noqa: E731
+    (crossing,), evals = drive(BracketSearch([2.0], 1.0, max_coefficient=max_coefficient), f)
+    assert root <= crossing.coefficient <= root / (1 - 1e-4)
+    assert evals <= 60

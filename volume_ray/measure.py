@@ -21,7 +21,14 @@ from torch import nn
 
 from volume_ray.directions import FILTER_NORMS, FilterNorm, perturbed_parameters, raw_directions
 from volume_ray.landscape import METRICS, Landscape
-from volume_ray.search import DEFAULT_RTOL, BracketSearch, GridSearch, Hint, paper_grid
+from volume_ray.search import (
+    DEFAULT_RTOL,
+    MIN_RTOL,
+    BracketSearch,
+    GridSearch,
+    Hint,
+    paper_grid,
+)
 
 __all__ = ["SEARCHES", "RADII_COLUMNS", "measure_radii"]
 
@@ -116,7 +123,7 @@ def measure_radii(
                 return GridSearch(levels, landscape.base_total, grid, full_curve=full_curve)
             return BracketSearch(
                 levels, landscape.base_total, rtol=rtol, max_coefficient=max_coefficient,
-                interpolate=metric == "loss", hints=hints,
+                hints=hints,
             )  # fmt: skip
 
         walker = _Walker(
@@ -271,8 +278,8 @@ def _check_arguments(
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     _check_thresholds(metric, thresholds)
-    if not (isinstance(rtol, numbers.Real) and 0 < rtol < 0.5):
-        raise ValueError(f"rtol must be a number in (0, 0.5), got {rtol!r}")
+    if not (isinstance(rtol, numbers.Real) and MIN_RTOL <= rtol < 0.5):
+        raise ValueError(f"rtol must be a number in [{MIN_RTOL}, 0.5), got {rtol!r}")
     if not (isinstance(max_coefficient, numbers.Real) and 0 < max_coefficient < math.inf):
         raise ValueError(f"max_coefficient must be a finite number > 0, got {max_coefficient!r}")
     if batch_size is not None:

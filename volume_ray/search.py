@@ -13,7 +13,8 @@ Values and levels are in the landscape's units: summed per-sample metric, where
 - `BracketSearch` brackets the first crossing, then refines it to `rtol` by inverse
   interpolation on log(value - base) against log(c), which is close to a straight
   line near a minimum (exactly so, with slope 2, on a quadratic bowl), safeguarded by
-  geometric bisection.
+  geometric bisection. Sums within EXIT_FACTOR of the levels are scored fully, so
+  that interpolation has exact values; points further off may stop early.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_RTOL",
+    "MIN_RTOL",
     "BracketSearch",
     "Crossing",
     "GridSearch",
@@ -35,11 +37,13 @@ __all__ = [
 ]
 
 DEFAULT_RTOL = 1e-4
-XTOL = 1e-12  # a crossing closer to 0 than this fraction of max_coefficient reads as 0
+MIN_RTOL = 1e-12  # finer than float64 can tell coefficients apart, searches would stall
+XTOL = 1e-12  # a crossing found below this coefficient, with only the base under it, stands
 INITIAL_FRACTION = 1 / 16  # the first probe, as a fraction of max_coefficient
 MAX_GROWTH = 4.0  # an unbracketed search moves by at most this factor per step
-EXIT_FACTOR = 4.0  # loss sums up to this multiple of the top pending level are scored fully
-MIN_SHRINK = 0.5  # a bracket that shrinks less than this twice in a row is bisected
+EXIT_FACTOR = 4.0  # sums within this factor of the pending levels are scored fully
+MIN_SHRINK = 0.5  # a bracket that shrinks less than this over two steps is bisected
+FIRST_STEP = 1e-4  # the least relative step of a one-sided search, growing 4x a step
 
 
 def paper_grid() -> np.ndarray:
@@ -166,9 +170,11 @@ class BracketSearch:
     share every scored point. `hints` (one per level, from another walk of the same
     model, see `hints()`) set the first probe and the slope used to extrapolate from
     a single point; without them the first probe is max_coefficient / 16 and the
-    slope that of a bowl, 2. `interpolate=False` (for step-like metrics such as the
-    error count) uses geometric bisection only. Assumes the value is monotone between
-    the points it scores, as any search on a finite budget must.
+    slope that of a bowl, 2. Steps that do not shrink the bracket fall back to
+    geometric bisection, and one-sided steps grow 4x each time, so every search ends
+    within about a hundred evaluations even on plateaus, bumps and step functions.
+    Assumes the value is monotone between the points it scores, as any search on a
+    finite budget must.
     """
 
     def __init__(
@@ -178,18 +184,17 @@ class BracketSearch:
         *,
         rtol: float = DEFAULT_RTOL,
         max_coefficient: float = 1.0,
-        interpolate: bool = True,
         hints: Sequence[Hint | None] | None = None,
     ):
         self.levels = [float(level) for level in levels]
         self.base = base
         self.rtol = rtol
         self.max_coefficient = max_coefficient
-        self.interpolate = interpolate
         self._hints = dict(zip(self.levels, hints)) if hints is not None else {}
         self._points = [_Point(0.0, base, base)]
         self._widths: dict[float, list[float]] = {}  # bracket widths seen, per level
         self._started: set[float] = set()  # levels that had their first probe
+        self._one_sided_steps: dict[float, int] = {}  # steps taken without a bracket
 
     def _bracket(self, level: float) -> tuple[_Point | None, _Point | None]:
         """(lo, hi): the first point past `level` and the last one not past it below."""
@@ -201,17 +206,18 @@ class BracketSearch:
         lo, hi = self._bracket(level)
         if hi is None:
             return lo.c >= self.max_coefficient
-        if lo is None:
+        if lo is None:  # past at the base
             return True
-        return hi.c - lo.c <= max(self.rtol * hi.c, XTOL * self.max_coefficient)
+        if lo.c == 0:
+            return hi.c <= XTOL
+        return hi.c - lo.c <= self.rtol * hi.c
 
     def propose(self) -> Proposal | None:
         pending = [level for level in self.levels if not self._resolved(level)]
         if not pending:
             return None
         c = self._next_coefficient(min(pending))
-        exit_factor = EXIT_FACTOR if self.interpolate else 1.0
-        return Proposal(c, exit_factor * max(pending), min(pending))
+        return Proposal(c, EXIT_FACTOR * max(pending), min(pending) / EXIT_FACTOR)
 
     def record(self, coefficient: float, lower: float, upper: float) -> None:
         self._points.append(_Point(coefficient, lower, upper))
@@ -258,22 +264,30 @@ class BracketSearch:
                 return first
         hint = self._hints.get(level)
         slope = hint.slope if hint is not None else 2.0
-        guess = self._estimate(level, slope) if self.interpolate else None
-        if hi is None:  # grow from lo, by at most MAX_GROWTH per step
-            if lo.c == 0:
-                return INITIAL_FRACTION * self.max_coefficient
-            factor = MAX_GROWTH if guess is None else guess / lo.c
-            return min(lo.c * min(max(factor, 1 + self.rtol), MAX_GROWTH), self.max_coefficient)
-        low = lo.c if lo is not None else 0.0
+        guess = self._estimate(level, slope)
+        if hi is None and lo.c == 0:
+            return INITIAL_FRACTION * self.max_coefficient
+        if hi is None or lo.c == 0:
+            # One-sided: step away from the known side. The least step grows 4x each
+            # time, so a plateau or a bump that misleads the estimate costs a few
+            # steps, not thousands.
+            taken = self._one_sided_steps.get(level, 0)
+            self._one_sided_steps[level] = taken + 1
+            least = 1 + min(max(self.rtol, FIRST_STEP) * 4**taken, MAX_GROWTH - 1)
+            if hi is None:
+                factor = MAX_GROWTH if guess is None else guess / lo.c
+                return min(lo.c * min(max(factor, least), MAX_GROWTH), self.max_coefficient)
+            factor = MAX_GROWTH if guess is None else hi.c / guess
+            return hi.c / min(max(factor, least), MAX_GROWTH)
         widths = self._widths.setdefault(level, [])
-        widths.append(hi.c - low)
-        stalled = len(widths) >= 4 and widths[-1] > MIN_SHRINK * widths[-4]
+        widths.append(hi.c - lo.c)
+        stalled = len(widths) >= 3 and widths[-1] > MIN_SHRINK * widths[-3]
         tol = 0.5 * self.rtol * hi.c
         if guess is None or stalled:
-            guess = math.sqrt(low * hi.c) if low > 0 else hi.c / MAX_GROWTH
+            guess = math.sqrt(lo.c * hi.c)
         else:  # aim a little past the estimate, away from the latest point
             guess += 0.5 * tol if self._points[-1] is lo else -0.5 * tol
-        return min(max(guess, low + tol), hi.c - tol)
+        return min(max(guess, lo.c + tol), hi.c - tol)
 
     def _first_probe(self, level: float) -> float | None:
         """Where the hints say this walk crosses `level`: the hinted coefficient, scaled
