@@ -19,6 +19,8 @@ class Mixed(nn.Module):
         self.fc = nn.Linear(5, 4)
         self.temperature = nn.Parameter(torch.tensor(2.0))
         self.weights_extra = nn.Parameter(torch.ones(3))
+        self.bias = nn.Module()  # a module named "bias": its parameters carry the token
+        self.bias.scale = nn.Parameter(torch.ones(2))
 
 
 def test_raw_directions_are_the_global_rng_convention():
@@ -30,7 +32,7 @@ def test_raw_directions_are_the_global_rng_convention():
         expected = [
             torch.randn_like(p).reshape(-1)
             for name, p in model.named_parameters()
-            if name.split(".")[-1] in ("weight", "bias")
+            if {"weight", "bias"} & set(name.split("."))
         ]
         assert torch.equal(row, torch.cat(expected))
 
@@ -53,8 +55,9 @@ def test_only_weight_and_bias_tokens_are_perturbed():
         "norm.bias",
         "fc.weight",
         "fc.bias",
+        "bias.scale",
     )
-    assert params.count == 3 * 2 * 9 + 3 + 5 + 5 + 4 * 5 + 4
+    assert params.count == 3 * 2 * 9 + 3 + 5 + 5 + 4 * 5 + 4 + 2
 
 
 def test_mnist_mlp_counts_the_protocol_table_parameters():

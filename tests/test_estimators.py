@@ -114,3 +114,10 @@ def test_volume_table_has_every_estimator_per_threshold():
     )
     assert low.loc["paper", "n_censored"] == 1 and low.loc["paper", "n_directions"] == 3
     assert low.loc["paper", "max_radius"] == 2.0
+
+
+def test_bootstrap_interval_with_zero_radii_keeps_a_finite_upper_end():
+    result = bootstrap_log_volume([0.0, 0.0, 1.0], 3)
+    assert result.ci_low == -math.inf
+    assert result.ci_high == pytest.approx(0.0)  # all three resampled as 1: log 1
+    assert result.estimate == pytest.approx(math.log(1 / 3))

@@ -100,3 +100,18 @@ def test_sample_accuracy_reads_every_head():
         [0.5],
         [0.5],
     ]
+
+
+def test_a_loss_with_negative_terms_is_always_scored_in_full(model, digits, walk):
+    params, directions, coefficients, losses, _ = walk
+
+    def shifted(out, target):  # cross-entropy - 1: negative for confident samples
+        return F.cross_entropy(out, target) - 1.0
+
+    landscape = Landscape(model, params, *digits, shifted, batch_size=50)
+    assert not landscape.losses_nonnegative
+    scores = landscape.score(
+        params.flat, directions, [3], [coefficients[3]], np.array([-1e9]), np.array([-INF])
+    )
+    assert scores.samples[0] == 600
+    assert scores.lower[0] == pytest.approx(losses[3] - 600, rel=1e-5)

@@ -163,6 +163,35 @@ def test_directions_do_not_depend_on_the_shard(model, digits):
     tail = whole[whole.direction >= 16].reset_index(drop=True)
     assert list(part.direction) == list(range(16, 32))
     assert part.equals(tail)
+    # Batched passes group points differently per shard: equal up to summation order.
+    batched = measure_radii(
+        model, x, y, F.cross_entropy, num_directions=5, start=19, points_per_pass=3
+    )
+    np.testing.assert_allclose(batched.radius, whole.radius[19:24], rtol=2e-4)
+
+
+def test_chunking_and_filter_norms_through_measure_radii(model, digits):
+    x, y = digits
+    whole = measure_radii(model, x, y, F.cross_entropy, num_directions=4)
+    chunked = measure_radii(model, x, y, F.cross_entropy, num_directions=4, batch_size=50)
+    np.testing.assert_allclose(chunked.radius, whole.radius, rtol=2e-4)
+    li = measure_radii(model, x, y, F.cross_entropy, num_directions=4, filter_norm="li2018")
+    isotropic = measure_radii(model, x, y, F.cross_entropy, num_directions=4, filter_norm="none")
+    assert not np.allclose(li.coefficient, whole.coefficient)
+    # the raw Gaussians are shared; only the scaling differs
+    np.testing.assert_array_equal(li.raw_norm, isotropic.raw_norm)
+    np.testing.assert_allclose(isotropic.radius_euclid, isotropic.radius)  # d = g
+
+
+def test_device_is_checked(model, digits):
+    x, y = digits
+    on_cpu = measure_radii(model, x, y, F.cross_entropy, num_directions=2, device="cpu")
+    assert (on_cpu.radius > 0).all()
+    with pytest.raises(ValueError, match="device"):
+        measure_radii(model, x, y, F.cross_entropy, num_directions=2, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            measure_radii(model, x, y, F.cross_entropy, num_directions=2, device="cuda")
 
 
 def test_batched_forward_passes_agree_with_one_at_a_time(model, digits):
@@ -203,10 +232,16 @@ def test_weights_are_restored_when_the_loss_raises(model, digits):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+CONTRACT_COLUMNS = [  # DESIGN section 5, in order
+    "direction", "seed", "threshold", "metric", "coefficient", "radius", "radius_euclid",
+    "raw_norm", "censored", "evals",
+]  # fmt: skip
+
+
 def test_columns_match_the_contract(model, digits):
     x, y = digits
     df = measure_radii(model, x, y, F.cross_entropy, num_directions=2, thresholds=(0.1, 0.2))
-    assert list(df.columns) == RADII_COLUMNS
+    assert list(df.columns) == CONTRACT_COLUMNS + ["data_passes", "nonfinite"] == RADII_COLUMNS
     assert len(df) == 4
     assert (df.evals > 0).all() and (df.data_passes > 0).all()
 
@@ -257,11 +292,59 @@ def test_nan_loss_counts_as_past_every_threshold_and_is_flagged(digits):
     df = measure_radii(
         model, x, y, F.cross_entropy, num_directions=3, thresholds=(50.0,), filter_norm="none"
     )
-    assert df.nonfinite.all() and not df.censored.any()
-    for row in df.itertuples():  # the NaN edge: c * |g restricted to fc.weight| = reach
+    accuracy = measure_radii(
+        model, x, y, F.cross_entropy, num_directions=3, metric="accuracy", thresholds=(0.01,),
+        filter_norm="none",
+    )  # fmt: skip
+    for frame in (df, accuracy):
+        assert frame.nonfinite.all() and not frame.censored.any()
+        for row in frame.itertuples():  # the NaN edge: c * |g restricted to fc.weight| = reach
+            generator = torch.Generator().manual_seed(1 + row.direction)
+            edge = 0.05 / torch.randn(10, 64, generator=generator).norm().item()
+            assert edge < row.coefficient <= edge * (1 + 2e-4)
+
+
+class TokenCopier(nn.Module):
+    """Predicts each token of a sequence from itself: (B, T) ids -> (B, T, V) logits."""
+
+    def __init__(self, vocabulary: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, 8)
+        self.out = nn.Linear(8, vocabulary)
+
+    def forward(self, ids):
+        return self.out(self.embed(ids))
+
+
+def test_sequence_accuracy_is_per_sample_fraction_of_positions():
+    torch.manual_seed(0)
+    model = TokenCopier(6)
+    ids = torch.randint(0, 6, (40, 9))
+    loss = lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten())  # noqa: E731
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss(model(ids), ids).backward()
+        optimizer.step()
+    df = measure_radii(
+        model, ids, ids, loss, num_directions=3, metric="accuracy", thresholds=(0.7,), rtol=1e-3
+    )
+    params = [(n, p) for n, p in model.named_parameters()]
+    trained = [p.detach().clone() for _, p in params]
+    for row in df.itertuples():  # token accuracy just past the crossing is below 0.7
         generator = torch.Generator().manual_seed(1 + row.direction)
-        edge = 0.05 / torch.randn(10, 64, generator=generator).norm().item()
-        assert edge < row.coefficient <= edge * (1 + 2e-4)
+        gaussians = [torch.randn(p.shape, generator=generator) for _, p in params]
+        accuracies = []
+        for c in (row.coefficient, row.coefficient * (1 - 1e-3)):
+            with torch.no_grad():
+                for (_, p), w, g in zip(params, trained, gaussians):
+                    scale = w.norm(dim=1, keepdim=True) if w.dim() == 2 else 1.0
+                    p.copy_(w + c * g * scale)
+                accuracies.append((model(ids).argmax(-1) == ids).double().mean().item())
+        assert accuracies[0] < 0.7 <= accuracies[1]
+        with torch.no_grad():
+            for (_, p), w in zip(params, trained):
+                p.copy_(w)
 
 
 # -- bad input ---------------------------------------------------------------------------

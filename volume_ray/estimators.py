@@ -124,13 +124,10 @@ def bootstrap_log_volume(
     generator = np.random.default_rng(rng)
     picks = generator.integers(0, len(values), size=(num_resamples, len(values)))
     resampled = _log_mean_power(values[picks], n_params, axis=1)  # (num_resamples,)
-    finite = resampled[np.isfinite(resampled)]
+    finite = resampled[np.isfinite(resampled)]  # a resample of zero radii only is -inf
     tail = (1 - confidence) / 2
-    low, high = (
-        np.quantile(resampled, [tail, 1 - tail])
-        if len(finite) == len(resampled)
-        else (-np.inf,) * 2
-    )
+    # inverted_cdf picks order statistics without interpolating, so -inf is safe
+    low, high = np.quantile(resampled, [tail, 1 - tail], method="inverted_cdf")
     return EstimateResult(
         estimate=float(_log_mean_power(values, n_params)),
         stderr=float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan,

@@ -11,6 +11,7 @@ that a point past the level proves it within the first chunks.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,9 +108,15 @@ class Landscape:
         self._point = torch.empty_like(params.flat)  # the weights of one point, reused
         self._point_views = list(params.tensors(self._point).values())
         self.x, self.y = x, y
-        order = self._hardest_first(params.flat)
-        if order is not None:
+        per_sample = self._per_sample_losses(params.flat)
+        # Early exit needs per-sample terms >= 0; a loss that cannot be checked, or has
+        # negative terms (a Gaussian NLL, say), is always scored in full.
+        self.losses_nonnegative = per_sample is not None and bool((per_sample >= 0).all())
+        if per_sample is not None:  # hardest first: a point far past a level shows it soon
+            order = per_sample.argsort(descending=True, stable=True)
             self.x, self.y = x[order], y[order]
+        if points_per_pass > 1 and not self._vmap_works():
+            self.points_per_pass = 1
         still = params.flat.new_zeros(1, params.count)
         base = self.score(
             params.flat, still, [0], [0.0], np.array([math.inf]), np.array([-math.inf])
@@ -119,6 +126,23 @@ class Landscape:
     def _forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The model at weights `flat` (n,) on `x`, without touching the module."""
         return functional_call(self.model, self.params.tensors(flat), (x,))
+
+    def _vmap_works(self) -> bool:
+        """Can this model be batched over weight sets? Some cannot (data-dependent
+        control flow, `.item()` in forward): those are scored one point at a time."""
+        try:
+            with torch.no_grad():
+                stacked = self.params.flat.expand(2, -1)
+                vmap(self._forward, in_dims=(0, None))(stacked, self.x[:2])
+        except RuntimeError as error:
+            warnings.warn(
+                f"this model cannot be batched with torch.func.vmap ({error}); scoring one "
+                "weight set per forward pass instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+        return True
 
     @contextmanager
     def _point_loaded(self) -> Iterator[None]:
@@ -133,9 +157,9 @@ class Landscape:
             for p, data in zip(self._modules_params, saved):
                 p.data = data
 
-    def _hardest_first(self, flat: torch.Tensor) -> torch.Tensor | None:
-        """Sample order by descending per-sample loss at `flat`, or None if the loss
-        cannot be split per sample (a loss that vmap does not support)."""
+    def _per_sample_losses(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The loss of each sample at `flat`, or None if the loss cannot be split per
+        sample (a loss that vmap does not support)."""
 
         def one(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return self.loss_fn(out.unsqueeze(0), target.unsqueeze(0))
@@ -148,13 +172,14 @@ class Landscape:
                     per_sample.append(vmap(one)(out, self.y[start:stop]))
         except RuntimeError:
             return None
-        return torch.cat(per_sample).argsort(descending=True, stable=True)
+        return torch.cat(per_sample)
 
     def _sums(self, outputs: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         """Summed metric of a chunk, per weight set: outputs (P, B, ...) -> (P,)."""
         if self.metric == "accuracy":
-            errors = (1 - sample_accuracy(outputs, y)).sum(1)  # (P,)
-            return errors.double().cpu().numpy()
+            errors = (1 - sample_accuracy(outputs, y).double()).sum(1)  # (P,)
+            broken = ~torch.isfinite(outputs).flatten(1).all(1)  # NaN logits argmax to 0
+            return errors.masked_fill(broken, math.nan).cpu().numpy()
         if len(outputs) == 1:
             return np.array([self.loss_fn(outputs[0], y).item() * len(y)])
         means = vmap(self.loss_fn, in_dims=(0, None))(outputs, y)  # (P,)
@@ -177,6 +202,8 @@ class Landscape:
         every level that matters) or its upper bound is at most `stop_below[k]` (past
         none). A NaN or inf sum stops at once and reads as past every level.
         """
+        if self.metric == "loss" and not self.losses_nonnegative:
+            stop_above = np.full(len(rows), math.inf)
         count = len(rows)
         totals = np.zeros(count)
         samples = np.zeros(count, dtype=np.int64)

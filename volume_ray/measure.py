@@ -98,7 +98,7 @@ def measure_radii(
         search, coefficients, rtol, max_coefficient, batch_size, start, full_curve,
         points_per_pass,
     )  # fmt: skip
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = _device(device, model)
     if next(model.parameters()).device != device:
         model = copy.deepcopy(model).to(device)
     # Memory cap: a block of directions, and the weight sets stacked for one pass,
@@ -219,6 +219,24 @@ class _Walker:
         return evals, samples
 
 
+def _device(requested: str | torch.device | None, model: nn.Module) -> torch.device:
+    """Where to work: `requested`, or the model's device; 'cuda' means the current GPU."""
+    if requested is None:
+        return next(model.parameters()).device
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device must name a torch device such as 'cpu' or 'cuda:0': {error}"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -265,6 +283,8 @@ def _check_arguments(
             f"x and y must hold the same positive number of samples, got len(x)={len(x)} "
             f"and len(y)={len(y)}"
         )
+    if not isinstance(full_curve, bool):
+        raise ValueError(f"full_curve must be True or False, got {full_curve!r}")
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(outputs, targets)")
     _check_int("num_directions", num_directions, minimum=1)
@@ -316,7 +336,7 @@ def _check_thresholds(metric: str, thresholds: Sequence[float]) -> None:
     if not values:
         raise ValueError(f"thresholds must be a non-empty sequence of numbers, got {thresholds!r}")
     for t in values:
-        if not isinstance(t, numbers.Real) or not math.isfinite(t):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):
             raise ValueError(f"thresholds must be finite numbers, got {t!r}")
         if metric == "loss" and t <= 0:
             raise ValueError(f"loss thresholds must be > 0, got {t!r}")
