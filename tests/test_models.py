@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from volume_ray.directions import perturbed_parameters
-from volume_ray.models import MODELS, build_model, count_parameters, loss_for_task
+from volume_ray.models import (
+    MODELS,
+    build_model,
+    count_parameters,
+    describe_model,
+    loss_for_task,
+)
 
 
 @pytest.mark.parametrize(
@@ -78,3 +84,15 @@ def test_bad_models_are_explained(name, shape, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_model(name, shape, 10, **kwargs)
     assert set(MODELS) == {"mlp", "cnn", "char_transformer"}
+
+
+def test_each_model_reports_its_size_loss_and_metric():
+    model = build_model("mlp", (2,), 1, hidden=[32] * 5)
+    assert describe_model("mlp", model, "binary") == {
+        "model": "mlp",
+        "n_params": 4_353,
+        "loss": "binary_cross_entropy_with_logits",
+        "metric": "accuracy",
+    }
+    with pytest.raises(ValueError, match="task"):
+        describe_model("mlp", model, "ranking")

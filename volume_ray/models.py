@@ -20,6 +20,7 @@ __all__ = [
     "CharTransformer",
     "build_model",
     "count_parameters",
+    "describe_model",
     "loss_for_task",
 ]
 
@@ -165,6 +166,22 @@ def build_model(
                 f"samples of shape {tuple(input_shape)}: use dataset 'char_text'"
             )
         return CharTransformer(num_outputs, input_shape[0], layers, heads, width)
+
+
+_OBJECTIVES = {  # task: (loss name, metric name)
+    "classification": ("cross_entropy", "accuracy"),
+    "binary": ("binary_cross_entropy_with_logits", "accuracy"),
+    "onehot_mse": ("mse", "accuracy (argmax)"),
+    "language": ("token_cross_entropy", "token accuracy"),
+}
+
+
+def describe_model(name: str, model: nn.Module, task: str) -> dict[str, object]:
+    """What a model is trained and measured with: its parameter count, loss and metric."""
+    if task not in _OBJECTIVES:
+        raise ValueError(f"task must be one of {tuple(_OBJECTIVES)}, got {task!r}")
+    loss, metric = _OBJECTIVES[task]
+    return {"model": name, "n_params": count_parameters(model), "loss": loss, "metric": metric}
 
 
 def loss_for_task(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
