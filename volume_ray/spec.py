@@ -1,0 +1,201 @@
+"""The sweep spec: one YAML file, validated in one place, expanded into a plan.
+
+Every rule lives here, as a field constraint or a model validator with a message that
+names the field and the fix; nothing downstream re-validates. Unknown fields are
+refused, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from volume_ray.data import DATASETS, EXTRA_KINDS
+from volume_ray.directions import FILTER_NORMS
+from volume_ray.landscape import METRICS
+from volume_ray.measure import SEARCHES
+from volume_ray.models import MODELS
+from volume_ray.search import DEFAULT_RTOL, MIN_RTOL
+from volume_ray.train import OPTIMIZERS
+
+__all__ = ["SpecError", "SweepSpec", "Trial", "Pair", "load_spec", "plan_trials", "plan_pairs"]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    name: Literal[DATASETS]  # type: ignore[valid-type]
+    base_size: PositiveInt
+    extra_sizes: list[NonNegativeInt] = Field(min_length=1)
+    data_seed: NonNegativeInt = 0
+    extra_kind: Literal[EXTRA_KINDS] = "data"  # type: ignore[valid-type]
+    root: str | None = None  # folder of file datasets, or the text file of char_text
+    download: bool = False
+    imbalance_class: NonNegativeInt = 0
+    imbalance_fraction: Annotated[float, Field(ge=0, le=1)] = 0.9
+    options: dict[str, float | int] = Field(default_factory=dict)  # e.g. modulus, block_size
+
+    @field_validator("extra_sizes")
+    @classmethod
+    def _sorted_unique(cls, sizes: list[int]) -> list[int]:
+        if sizes != sorted(set(sizes)):
+            raise ValueError("must be strictly increasing: sort them and drop repeats")
+        return sizes
+
+
+class ModelSpec(_Strict):
+    name: Literal[MODELS]  # type: ignore[valid-type]
+    hidden: list[PositiveInt] = Field(default_factory=list)
+    channels: list[PositiveInt] = Field(default_factory=list)
+    layers: PositiveInt = 6
+    heads: PositiveInt = 6
+    width: PositiveInt = 384
+
+
+class TrainSpec(_Strict):
+    optimizers: list[Literal[OPTIMIZERS]] = Field(default=["adamw"], min_length=1)  # type: ignore[valid-type]
+    sam_rhos: list[Annotated[float, Field(ge=0)]] = Field(default=[0.0], min_length=1)
+    sam_adaptive: bool = False
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    epochs: PositiveInt = 500
+    target_loss: Annotated[float, Field(gt=0)] | None = None
+    batch_sizes: list[PositiveInt | Literal["full"]] = Field(default=["full"], min_length=1)
+    seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
+    checkpoint_epochs: list[PositiveInt] = Field(default_factory=list)
+
+
+class VolumeSpec(_Strict):
+    directions: PositiveInt = 500
+    seed: NonNegativeInt = 1
+    filter_norm: Literal[FILTER_NORMS] = "paper"  # type: ignore[valid-type]
+    metric: Literal[METRICS] = "loss"  # type: ignore[valid-type]
+    thresholds: list[float] = Field(default=[0.1], min_length=1)
+    search: Literal[SEARCHES] = "bisect"  # type: ignore[valid-type]
+    rtol: Annotated[float, Field(ge=MIN_RTOL, lt=0.5)] = DEFAULT_RTOL
+    max_coefficient: Annotated[float, Field(gt=0)] = 1.0
+    shard_size: PositiveInt = 32
+    batch_size: PositiveInt | None = None
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_fit_the_metric(cls, thresholds: list[float], info) -> list[float]:
+        metric = info.data.get("metric", "loss")
+        for t in thresholds:
+            if not math.isfinite(t) or t <= 0 or (metric == "accuracy" and t > 1):
+                rule = "in (0, 1]" if metric == "accuracy" else "finite and > 0"
+                raise ValueError(f"each must be {rule} for metric {metric!r}")
+        return thresholds
+
+
+class ResourcesSpec(_Strict):
+    workers: PositiveInt | Literal["auto"] = "auto"
+    gpus_per_worker: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = "auto"
+    cpus_per_trial: Annotated[float, Field(gt=0)] = 1.0
+
+
+class SweepSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    dataset: DatasetSpec
+    model: ModelSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    volume: VolumeSpec = Field(default_factory=VolumeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+
+def load_spec(source: str | Path | dict) -> SweepSpec:
+    """Read and validate a spec from a YAML path (or a dict); raise SpecError naming
+    the first bad field."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise SpecError(f"spec file {path} does not exist: pass the path of a sweep YAML")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise SpecError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path} must hold a mapping with name, dataset, model, ...")
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "spec"
+        message = first["msg"].removeprefix("Value error, ")
+        got = (
+            f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
+        )
+        raise SpecError(f"spec field {field}: {message}{got}") from None
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One model to train: base + `extra` samples, with one batch size, optimizer and seed."""
+
+    model_id: str
+    extra: int
+    train_size: int
+    batch_size: int | None  # None: full batch
+    optimizer: str
+    sam_rho: float
+    seed: int
+
+    @property
+    def optimizer_label(self) -> str:
+        return f"{self.optimizer}+sam{self.sam_rho:g}" if self.sam_rho > 0 else self.optimizer
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One model measured in one landscape: base + the first `landscape_extra` samples."""
+
+    model_id: str
+    landscape_extra: int
+    landscape_size: int
+
+
+def plan_trials(spec: SweepSpec) -> list[Trial]:
+    """Every trial: extra sizes x batch sizes x optimizers x SAM rhos x seeds."""
+    trials = []
+    for extra in spec.dataset.extra_sizes:
+        for batch in spec.train.batch_sizes:
+            for optimizer in spec.train.optimizers:
+                for rho in spec.train.sam_rhos:
+                    for seed in spec.train.seeds:
+                        size = None if batch == "full" else batch
+                        label = f"{optimizer}+sam{rho:g}" if rho > 0 else optimizer
+                        model_id = f"n{spec.dataset.base_size + extra}-b{batch}-{label}-s{seed}"
+                        trials.append(
+                            Trial(model_id, extra, spec.dataset.base_size + extra, size,
+                                  optimizer, rho, seed)
+                        )  # fmt: skip
+    return trials
+
+
+def plan_pairs(spec: SweepSpec, trials: list[Trial], landscapes_use_extras: bool) -> list[Pair]:
+    """Each model in every landscape no larger than its training set; poison and noise
+    models in the clean base only."""
+    base = spec.dataset.base_size
+    pairs = []
+    for trial in trials:
+        sizes = [e for e in spec.dataset.extra_sizes if e <= trial.extra]
+        for extra in sizes if landscapes_use_extras else [0]:
+            pairs.append(Pair(trial.model_id, extra, base + extra))
+    return pairs
