@@ -98,3 +98,17 @@ def test_bad_training_settings_are_named(digits):
         train(model, digits, None, F.cross_entropy, TrainConfig(optimizer="lion"))
     with pytest.raises(ValueError, match="checkpoint_dir"):
         train(model, digits, None, F.cross_entropy, TrainConfig(checkpoint_epochs=(1,)))
+
+
+def test_resuming_from_a_saved_state_gives_the_same_model(digits):
+    config = TrainConfig(optimizer="sgd", lr=1e-2, sam_rho=0.05, batch_size=100, epochs=6)
+    straight = build_model("mlp", (64,), 10, hidden=[16], seed=0)
+    train(straight, digits, None, F.cross_entropy, config)
+    states = []
+    first = build_model("mlp", (64,), 10, hidden=[16], seed=0)
+    short = TrainConfig(**{**config.__dict__, "epochs": 3})
+    train(first, digits, None, F.cross_entropy, short, on_state=states.append, state_every=3)
+    resumed = build_model("mlp", (64,), 10, hidden=[16], seed=5)  # init overwritten
+    history = train(resumed, digits, None, F.cross_entropy, config, resume=states[-1])
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))

@@ -73,6 +73,12 @@ class SAM:
     def zero_grad(self) -> None:
         self.base.zero_grad(set_to_none=True)
 
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """`closure` zeroes nothing: it computes the loss and calls backward."""
@@ -138,12 +144,18 @@ def train(
     *,
     on_epoch: Callable[[dict[str, float], nn.Module], None] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    resume: dict | None = None,
+    on_state: Callable[[dict], None] | None = None,
+    state_every: int = 0,
 ) -> list[dict[str, float]]:
     """Train `model` in place on `train_set`; return one metrics dict per epoch:
     epoch, train_loss (mean over the epoch's batches), train_acc, test_loss, test_acc.
 
     Data and model should already be on one device. Epochs in
     `config.checkpoint_epochs` save `epoch_<n>.pt` state dicts into `checkpoint_dir`.
+    Every `state_every` epochs, `on_state` receives the full training state (model,
+    optimizer, shuffling RNG, history); passing such a state as `resume` continues the
+    run exactly where it was, as a long Tune trial does after a failure.
     """
     if config.checkpoint_epochs and checkpoint_dir is None:
         raise ValueError("train.checkpoint_epochs needs a checkpoint_dir to write to")
@@ -152,9 +164,14 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     size = len(x)
     batch = size if config.batch_size is None else min(config.batch_size, size)
-    history = []
+    history: list[dict[str, float]] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        history = list(resume["history"])
     model.train()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(len(history) + 1, config.epochs + 1):
         order = torch.randperm(size, generator=generator) if batch < size else None
         total_loss, total_correct = 0.0, 0.0
         for start in range(0, size, batch):
@@ -185,6 +202,11 @@ def train(
             save_checkpoint(model, Path(checkpoint_dir) / f"epoch_{epoch}.pt")
         if on_epoch is not None:
             on_epoch(metrics, model)
+        if on_state is not None and state_every and epoch % state_every == 0:
+            on_state(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "generator": generator.get_state(), "history": history}
+            )  # fmt: skip
         if config.target_loss is not None and metrics["train_loss"] < config.target_loss:
             break
     model.eval()

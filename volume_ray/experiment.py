@@ -1,0 +1,51 @@
+"""From a validated spec to the concrete pieces: data splits, models, losses.
+
+Both the training trials and the measuring workers build their data and models here,
+so the two stages can never disagree about what a model id means.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from volume_ray.data import ExperimentData, load_source, split_experiment
+from volume_ray.models import build_model
+from volume_ray.spec import SweepSpec
+
+__all__ = ["experiment_data", "new_model", "set_torch_threads"]
+
+
+def set_torch_threads() -> None:
+    """Ray reuses worker processes and torch fixes its thread count at import: set it
+    from OMP_NUM_THREADS (Ray sets it to the CPUs a task or actor holds)."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+
+
+def experiment_data(spec: SweepSpec) -> ExperimentData:
+    """The base set, extra pool and test split the spec describes."""
+    data = spec.dataset
+    source = load_source(
+        data.name, root=data.root, download=data.download, seed=data.data_seed, **data.options
+    )
+    return split_experiment(
+        source,
+        base_size=data.base_size,
+        pool_size=max(data.extra_sizes),
+        extra_kind=data.extra_kind,
+        data_seed=data.data_seed,
+        imbalance_class=data.imbalance_class,
+        imbalance_fraction=data.imbalance_fraction,
+    )
+
+
+def new_model(spec: SweepSpec, data: ExperimentData, seed: int) -> nn.Module:
+    """A freshly initialised model of the spec for this data."""
+    m = spec.model
+    outputs = 1 if data.source.task == "binary" else data.source.num_classes  # one logit
+    return build_model(
+        m.name, data.source.input_shape, outputs, seed=seed, hidden=m.hidden,
+        channels=m.channels, layers=m.layers, heads=m.heads, width=m.width,
+    )  # fmt: skip
