@@ -1,8 +1,13 @@
-"""`volume-ray`: the command line.
+"""`volume-ray`: the command line (DESIGN section 5).
 
-`demo` trains one MLP on the embedded digits set and measures the volume of its
-minimum in this process, without Ray: the quickest check that an install works and
-what the numbers look like. Sweeps over many models arrive with the Ray service.
+- `run SPEC`       train, measure and aggregate; resumes whatever is already done;
+- `train SPEC`, `measure SPEC`   single stages (`measure` also aggregates);
+- `validate SPEC`  print the plan, or the bad field and how to fix it;
+- `status DIR`     what a sweep's store holds;
+- `query DIR`      a table of the store, filtered, as text, CSV or JSON;
+- `demo`           one digits MLP measured in this process, without Ray.
+
+Without `--address` a local Ray starts; with one, the command joins that cluster.
 """
 
 from __future__ import annotations
@@ -15,6 +20,104 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["main"]
+
+DEFAULT_STORAGE = "results"
+
+
+def _spec(path: str):
+    from volume_ray.spec import load_spec
+
+    return load_spec(path)
+
+
+def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    from volume_ray.driver import run_sweep
+
+    spec = _spec(args.spec)
+    _check_data(spec)
+    started = time.perf_counter()
+    store = run_sweep(spec, args.storage, address=args.address, stages=stages)
+    print(f"\n{spec.name}: done in {time.perf_counter() - started:.0f} s, results in {store.root}")
+    if store.volumes_path.exists():
+        _print_volumes(store)
+        print(
+            "\nRead the tables with pandas:\n"
+            f"  pd.read_parquet('{store.models_path}')\n"
+            f"  pd.read_parquet('{store.volumes_path}')\n"
+            f"  pd.read_parquet('{store.radii}')"
+        )
+    return 0
+
+
+def _check_data(spec) -> None:
+    """Load the data once here, so a size over the pool fails before Ray starts."""
+    from volume_ray.experiment import experiment_data
+
+    experiment_data(spec)
+
+
+def _print_volumes(store) -> None:
+    import pandas as pd
+
+    volumes = pd.read_parquet(store.volumes_path)
+    paper = volumes[volumes.estimator == "paper"]
+    for (metric, threshold), group in paper.groupby(["metric", "threshold"]):
+        table = group.pivot(index="model_id", columns="landscape_size", values="log_volume")
+        print(f"\nlog-volume ({metric} threshold {threshold}); rows: models, columns: landscapes")
+        print(table.to_string(float_format=lambda v: f"{v:,.1f}"))
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from volume_ray.experiment import experiment_data
+    from volume_ray.spec import plan_pairs, plan_trials
+
+    spec = _spec(args.spec)
+    data = experiment_data(spec)
+    trials = plan_trials(spec)
+    pairs = plan_pairs(spec, trials, data.landscapes_use_extras)
+    v = spec.volume
+    shards = len(pairs) * -(-v.directions // v.shard_size)
+    print(f"sweep {spec.name}: valid")
+    d = spec.dataset
+    print(f"  data      {d.name}: base {d.base_size} + extras {d.extra_sizes} "
+          f"({d.extra_kind}), test {len(data.test_set[0])}")  # fmt: skip
+    print(f"  trials    {len(trials)}: {len(spec.dataset.extra_sizes)} sizes x "
+          f"{len(spec.train.batch_sizes)} batch sizes x {len(spec.train.optimizers)} optimizers "
+          f"x {len(spec.train.sam_rhos)} SAM rhos x {len(spec.train.seeds)} seeds")  # fmt: skip
+    print(f"  pairs     {len(pairs)} (model, landscape)")
+    print(f"  measuring {v.directions} directions per pair, seed {v.seed}, {len(v.thresholds)} "
+          f"{v.metric} thresholds {v.thresholds}, {v.search} search; {shards} shards")  # fmt: skip
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from volume_ray.driver import pending_shards
+    from volume_ray.spec import load_spec, plan_trials
+    from volume_ray.store import SweepStore
+
+    root = Path(args.dir)
+    store = SweepStore(root.parent, root.name)
+    spec = load_spec(store.recorded_spec())
+    models = store.finished_models()
+    missing, total = pending_shards(spec, store)
+    print(f"sweep {spec.name} in {store.root}")
+    print(f"  models   {len(models)}/{len(plan_trials(spec))} trained")
+    print(f"  shards   {total - len(missing)}/{total} measured (of the trained models)")
+    print(f"  volumes  {'written' if store.volumes_path.exists() else 'not yet'}")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from volume_ray.results import load_table
+
+    frame = load_table(args.dir, args.table, where=args.where)
+    if args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(frame.to_json(orient="records"))
+    else:
+        print(frame.to_string(index=False))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,8 +148,7 @@ def _demo(args: argparse.Namespace) -> int:
     radii = measure_radii(
         model, x, y, F.cross_entropy, num_directions=args.directions, thresholds=args.thresholds
     )
-    n_params = perturbed_parameters(model).count
-    volumes = volume_table(radii, n_params)
+    volumes = volume_table(radii, perturbed_parameters(model).count)
     print(
         f"measured {args.directions} directions x {len(args.thresholds)} thresholds "
         f"({radii.evals.mean():.1f} evaluations per direction, "
@@ -68,8 +170,30 @@ def _parser() -> argparse.ArgumentParser:
         prog="volume-ray", description="Measure the volume of loss-landscape minima."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, stages, text in (
+        ("run", ("train", "measure", "aggregate"), "train, measure and aggregate a sweep"),
+        ("train", ("train",), "train a sweep's models (stage A)"),
+        ("measure", ("measure", "aggregate"), "measure and aggregate trained models"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("spec", help="sweep spec (YAML)")
+        command.add_argument("--storage", default=DEFAULT_STORAGE, help="results root folder")
+        command.add_argument("--address", default=None, help="Ray cluster to join")
+        command.set_defaults(run=lambda args, stages=stages: _run(args, stages))
+    validate = commands.add_parser("validate", help="check a spec and print its plan")
+    validate.add_argument("spec")
+    validate.set_defaults(run=_validate)
+    status = commands.add_parser("status", help="what a sweep's store holds")
+    status.add_argument("dir", help="the sweep's folder, <storage>/<name>")
+    status.set_defaults(run=_status)
+    query = commands.add_parser("query", help="print a table of a sweep's store")
+    query.add_argument("dir", help="the sweep's folder, <storage>/<name>")
+    query.add_argument("--table", choices=("models", "radii", "volumes"), default="volumes")
+    query.add_argument("--where", default=None, help="a pandas query, e.g. 'threshold == 0.1'")
+    query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    query.set_defaults(run=_query)
     demo = commands.add_parser(
-        "demo", help="train an MLP on the embedded digits set and measure its minimum"
+        "demo", help="train an MLP on the embedded digits set and measure it, without Ray"
     )
     demo.add_argument("--directions", type=_positive_int, default=200)
     demo.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.05, 0.02, 0.01])
@@ -89,6 +213,7 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = _parser().parse_args(argv)
     try:
         return args.run(args)

@@ -77,7 +77,6 @@ class TrainSpec(_Strict):
     target_loss: Annotated[float, Field(gt=0)] | None = None
     batch_sizes: list[PositiveInt | Literal["full"]] = Field(default=["full"], min_length=1)
     seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
-    checkpoint_epochs: list[PositiveInt] = Field(default_factory=list)
 
 
 class VolumeSpec(_Strict):

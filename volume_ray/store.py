@@ -25,9 +25,14 @@ import yaml
 __all__ = ["SweepStore", "write_table"]
 
 
-def write_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write `frame` to the Parquet file `path` atomically; return the path."""
+def write_table(
+    frame: pd.DataFrame, path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write `frame` to the Parquet file `path` atomically, with optional key-value
+    `metadata` in its schema; return the path."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     return _atomic(Path(path), lambda sink: pq.write_table(table, sink))
 
 
@@ -83,6 +88,11 @@ class SweepStore:
 
     def checkpoint_path(self, model_id: str) -> Path:
         return self.checkpoints / f"{model_id}.pt"
+
+    def write_checkpoint(self, model_id: str, source: Path) -> None:
+        """Copy a state dict file into the store, atomically."""
+        data = Path(source).read_bytes()
+        _atomic(self.checkpoint_path(model_id), lambda sink: sink.write(data))
 
     def write_model_row(self, row: dict) -> None:
         write_table(pd.DataFrame([row]), self.model_rows / f"{row['model_id']}.parquet")

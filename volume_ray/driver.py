@@ -1,0 +1,203 @@
+"""Stages B and C: dispatch shards of directions to VolumeWorker actors, write each
+finished shard atomically, then aggregate the radii into volumes.
+
+The driver only moves work and results: which shards exist, which are done, who
+measures what next. Every model is measured with the same direction seeds, and a
+shard's result depends only on (model, landscape, directions), so retries and reruns
+reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import ray
+from tqdm import tqdm
+
+from volume_ray.estimators import VOLUME_COLUMNS, volume_table
+from volume_ray.spec import Pair, SweepSpec, plan_pairs, plan_trials
+from volume_ray.store import SweepStore, write_table
+from volume_ray.workers import VolumeWorker
+
+__all__ = ["Shard", "aggregate_stage", "measure_stage", "pending_shards"]
+
+VOLUME_TABLE_COLUMNS = ["model_id", "landscape_size", *VOLUME_COLUMNS]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Directions start..start+count-1 of one (model, landscape) pair."""
+
+    pair: Pair
+    seed: int  # the model's training seed (to rebuild its module)
+    checkpoint: str
+    start: int
+    count: int
+
+
+def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int]:
+    """(shards not yet on disk, shards in all) for the models already trained."""
+    models = store.finished_models()
+    if models.empty:
+        return [], 0
+    trained = {t.model_id: t for t in plan_trials(spec) if t.model_id in set(models.model_id)}
+    checkpoints = dict(zip(models.model_id, models.checkpoint))
+    uses_extras = spec.dataset.extra_kind in ("data", "imbalanced")
+    rows_per_direction = len(spec.volume.thresholds)
+    shards, total = [], 0
+    for pair in plan_pairs(spec, list(trained.values()), uses_extras):
+        trial = trained[pair.model_id]
+        for start in range(0, spec.volume.directions, spec.volume.shard_size):
+            count = min(spec.volume.shard_size, spec.volume.directions - start)
+            total += 1
+            path = store.shard_path(pair.model_id, pair.landscape_size, start, count)
+            if not store.shard_is_complete(path, count * rows_per_direction):
+                shards.append(Shard(pair, trial.seed, checkpoints[pair.model_id], start, count))
+    return shards, total
+
+
+def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
+    """(actors, CPUs each, GPUs each): one per GPU when there are GPUs, else one per CPU."""
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    per_gpu = spec.resources.gpus_per_worker
+    per_gpu = (1.0 if gpus >= 1 else 0.0) if per_gpu == "auto" else float(per_gpu)
+    if spec.resources.workers != "auto":
+        wanted = spec.resources.workers
+    elif per_gpu > 0:
+        wanted = int(gpus / per_gpu)
+    else:
+        wanted = int(resources.get("CPU", 1))
+    return max(1, min(wanted, shards)), (0.0 if per_gpu > 0 else 1.0), per_gpu
+
+
+def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> int:
+    """Measure every shard not yet on disk; return how many were measured now."""
+    shards, _ = pending_shards(spec, store)
+    if not shards:
+        return 0
+    count, cpus, gpus = _worker_count(spec, len(shards))
+    # The spec is small enough to travel inline with each actor's creation, so a
+    # restarted actor never depends on an object that could be evicted.
+    spec_dict = spec.model_dump(mode="json")
+    actors = [
+        VolumeWorker.options(
+            name=f"volume_worker:{spec.name}:{i}", num_cpus=cpus, num_gpus=gpus,
+        ).remote(spec_dict, str(store.root.resolve()))
+        for i in range(count)
+    ]  # fmt: skip
+    queue = list(shards)  # ordered by pair, so an actor's next shard is usually loaded
+    running: dict[ray.ObjectRef, tuple[int, Shard]] = {}
+    last_pair: dict[int, Pair] = {}
+
+    def submit(actor: int) -> None:
+        if not queue:
+            return
+        same = next((k for k, s in enumerate(queue) if s.pair == last_pair.get(actor)), 0)
+        shard = queue.pop(same)
+        last_pair[actor] = shard.pair
+        pair = shard.pair
+        ref = (
+            actors[actor]
+            .measure.options(name=f"measure {pair.model_id} L{pair.landscape_size} d{shard.start}")
+            .remote(
+                pair.model_id,
+                shard.checkpoint,
+                shard.seed,
+                pair.landscape_extra,
+                shard.start,
+                shard.count,
+            )  # fmt: skip
+        )
+        running[ref] = (actor, shard)
+
+    for actor in range(count):
+        submit(actor)
+    bar = tqdm(
+        total=sum(s.count for s in shards), unit="dir", desc="measuring", disable=not progress
+    )
+    try:
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor, shard = running.pop(ref)
+            columns, facts = ray.get(ref)
+            _write_shard(store, shard, columns, facts)
+            bar.update(shard.count)
+            submit(actor)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return len(shards)
+
+
+def _write_shard(store: SweepStore, shard: Shard, columns: dict, facts: dict) -> None:
+    frame = pd.DataFrame(columns)
+    frame.insert(0, "model_id", shard.pair.model_id)
+    frame.insert(1, "landscape_size", shard.pair.landscape_size)
+    path = store.shard_path(
+        shard.pair.model_id, shard.pair.landscape_size, shard.start, shard.count
+    )
+    metadata = {f"volume_ray.{k}": str(v) for k, v in facts.items()}
+    write_table(frame, path, metadata=metadata)
+
+
+def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
+    """Every estimator for every (model, landscape, metric, threshold) -> volumes.parquet."""
+    radii = store.read_radii()
+    if radii.empty:
+        volumes = pd.DataFrame(columns=VOLUME_TABLE_COLUMNS)
+    else:
+        n_params = dict(zip(store.finished_models().model_id, store.finished_models().n_params))
+        frames = []
+        for (model_id, size), group in radii.groupby(["model_id", "landscape_size"], sort=True):
+            table = volume_table(group, int(n_params[model_id]), seed=spec.volume.seed)
+            table.insert(0, "model_id", model_id)
+            table.insert(1, "landscape_size", size)
+            frames.append(table)
+        volumes = pd.concat(frames, ignore_index=True)[VOLUME_TABLE_COLUMNS]
+    write_table(volumes, store.volumes_path)
+    return volumes
+
+
+STAGES = ("train", "measure", "aggregate")
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address`, or start a local Ray; True if this call started
+    Ray (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", log_to_driver=False)
+    return True
+
+
+def run_sweep(
+    spec: SweepSpec,
+    storage: str,
+    *,
+    address: str | None = None,
+    stages: tuple[str, ...] = STAGES,
+    progress: bool = True,
+) -> SweepStore:
+    """Run the given stages of a sweep into `<storage>/<name>/`, resuming finished work."""
+    from volume_ray.tune_stage import train_stage  # Tune is heavy: only when training
+
+    store = SweepStore(storage, spec.name)
+    store.claim(spec.model_dump(mode="json"))
+    started = connect(address)
+    try:
+        if "train" in stages:
+            train_stage(spec, store, progress=progress)
+        if "measure" in stages:
+            measure_stage(spec, store, progress=progress)
+        if "aggregate" in stages:
+            aggregate_stage(spec, store)
+    finally:
+        if started:
+            ray.shutdown()
+    return store

@@ -1,0 +1,160 @@
+"""Stage A: train every trial of a sweep with Ray Tune.
+
+The trainable is a plain function: config in, `tune.report` out. It reports metrics
+every epoch, the full training state every `STATE_EVERY` epochs (a retried trial
+resumes from it), and the trained weights at the end. A driver-side callback copies
+each finished model into the store at once, so a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+from tqdm import tqdm
+
+from volume_ray.experiment import experiment_data, new_model, set_torch_threads
+from volume_ray.models import count_parameters, loss_for_task
+from volume_ray.spec import SweepSpec, Trial, plan_trials
+from volume_ray.store import SweepStore
+from volume_ray.train import TrainConfig, evaluate, save_checkpoint, train
+
+__all__ = ["train_stage", "train_trial"]
+
+STATE_EVERY = 50  # epochs between resumable checkpoints of a trial
+MAX_FAILURES = 2  # retries of a failed trial
+
+
+def train_trial(config: dict) -> None:
+    """Train one trial (Tune trainable)."""
+    set_torch_threads()
+    spec = SweepSpec.model_validate(config["spec"])
+    trial = Trial(**config["trial"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = experiment_data(spec)
+    x, y = (t.to(device) for t in data.training_set(trial.extra))
+    test = tuple(t.to(device) for t in data.test_set)
+    model = new_model(spec, data, trial.seed).to(device)
+    loss_fn = loss_for_task(data.source.task)
+    t = spec.train
+    settings = TrainConfig(
+        optimizer=trial.optimizer, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum,
+        sam_rho=trial.sam_rho, sam_adaptive=t.sam_adaptive, epochs=t.epochs,
+        batch_size=trial.batch_size, target_loss=t.target_loss, seed=trial.seed,
+    )  # fmt: skip
+    resume = None
+    if (saved := tune.get_checkpoint()) is not None:
+        with saved.as_directory() as folder:
+            resume = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+    pending_state: list[dict] = []
+
+    def report(metrics: dict, _model) -> None:
+        if pending_state:  # a resumable state was just taken: ship it with this report
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(pending_state.pop(), Path(folder) / "state.pt")
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
+
+    history = train(
+        model, (x, y), test, loss_fn, settings, on_epoch=report, resume=resume,
+        on_state=pending_state.append, state_every=STATE_EVERY,
+    )  # fmt: skip
+    train_loss, train_acc = evaluate(model, x, y, loss_fn)
+    test_loss, test_acc = evaluate(model, *test, loss_fn)
+    final = {
+        **history[-1],
+        "final": True,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "n_params": count_parameters(model),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(model, Path(folder) / "model.pt")
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class _StoreFinishedModels(tune.Callback):
+    """Copies each finished trial's weights and row into the store as it completes,
+    and advances a progress bar over trials."""
+
+    def __init__(self, spec: SweepSpec, store: SweepStore, bar: tqdm):
+        self.spec = spec
+        self.store = store
+        self.bar = bar
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        done = Trial(**trial.config["trial"])
+        result = trial.last_result
+        with trial.checkpoint.as_directory() as folder:
+            self.store.write_checkpoint(done.model_id, Path(folder) / "model.pt")
+        self.store.write_model_row(
+            {
+                "model_id": done.model_id,
+                "dataset": self.spec.dataset.name,
+                "train_size": done.train_size,
+                "batch_size": done.batch_size or done.train_size,
+                "optimizer": done.optimizer_label,
+                "seed": done.seed,
+                "epochs": int(result["epoch"]),
+                "train_loss": float(result["train_loss"]),
+                "train_acc": float(result["train_acc"]),
+                "test_loss": float(result["test_loss"]),
+                "test_acc": float(result["test_acc"]),
+                "n_params": int(result["n_params"]),
+                "checkpoint": f"checkpoints/{done.model_id}.pt",
+            }
+        )
+        self.bar.update(1)
+
+
+def train_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> list[Trial]:
+    """Train the trials not yet in the store; return the trials trained now."""
+    done = set(store.finished_models().get("model_id", []))
+    todo = [t for t in plan_trials(spec) if t.model_id not in done]
+    if todo:
+        gpus = _gpus_per_trial(spec)
+        bar = tqdm(total=len(todo), unit="model", desc="training", disable=not progress)
+        trainable = tune.with_resources(
+            train_trial, {"cpu": spec.resources.cpus_per_trial, "gpu": gpus}
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "spec": spec.model_dump(mode="json"),
+                "trial": tune.grid_search([asdict(t) for t in todo]),
+            },
+            tune_config=tune.TuneConfig(reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=f"train-{int(time.time())}",
+                storage_path=str((store.root / "tune").resolve()),
+                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                callbacks=[_StoreFinishedModels(spec, store, bar)],
+                verbose=0,
+            ),
+        )
+        with bar:
+            results = tuner.fit()
+        failed = [r for r in results if r.error is not None]
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} training trial(s) failed after {MAX_FAILURES} retries; the "
+                f"first error: {failed[0].error}"
+            )
+    store.write_models()
+    return todo
+
+
+def _gpus_per_trial(spec: SweepSpec) -> float:
+    """A GPU per trial when the cluster has GPUs (unless the spec says otherwise)."""
+    wanted = spec.resources.gpus_per_worker
+    if wanted != "auto":
+        return float(wanted)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0

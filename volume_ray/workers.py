@@ -1,0 +1,97 @@
+"""VolumeWorker: a Ray actor that measures shards of directions for (model, landscape)
+pairs. It holds one pair on its device at a time and only delegates to the core."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+import torch
+from ray.util import metrics
+
+from volume_ray.experiment import experiment_data, new_model, set_torch_threads
+from volume_ray.measure import measure_radii
+from volume_ray.models import loss_for_task
+from volume_ray.spec import SweepSpec
+from volume_ray.train import load_checkpoint
+
+__all__ = ["VolumeWorker"]
+
+
+@ray.remote(max_restarts=-1, max_task_retries=3)
+class VolumeWorker:
+    """Measures shards; a restarted worker rebuilds its state from the spec."""
+
+    def __init__(self, spec: dict, store_root: str):
+        set_torch_threads()
+        self.spec = SweepSpec.model_validate(spec)
+        self.store_root = store_root
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.data = experiment_data(self.spec)
+        self.loss_fn = loss_for_task(self.data.source.task)
+        self.loaded: tuple[str, int] | None = None
+        tags = ("sweep", "model", "landscape")
+        self.directions = metrics.Counter(
+            "volume_ray_directions_measured", "directions measured", tag_keys=tags
+        )
+        self.evaluations = metrics.Counter(
+            "volume_ray_evaluations", "landscape evaluations", tag_keys=tags
+        )
+        self.shard_seconds = metrics.Histogram(
+            "volume_ray_shard_seconds", "seconds per shard",
+            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300], tag_keys=tags,
+        )  # fmt: skip
+        self.latest_radius = metrics.Gauge(
+            "volume_ray_latest_radius", "median radius of the latest shard", tag_keys=tags
+        )
+
+    def _load(self, model_id: str, checkpoint: str, seed: int, landscape_extra: int) -> None:
+        if self.loaded == (model_id, landscape_extra):
+            return
+        model = new_model(self.spec, self.data, seed)
+        self.model = load_checkpoint(model, os.path.join(self.store_root, checkpoint)).to(
+            self.device
+        )
+        x, y = self.data.landscape_set(landscape_extra)
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.loaded = (model_id, landscape_extra)
+
+    def measure(
+        self, model_id: str, checkpoint: str, seed: int, landscape_extra: int, start: int,
+        count: int,
+    ) -> tuple[dict, dict]:  # fmt: skip
+        """Radii of directions start..start+count-1: (columns, facts about the run)."""
+        set_torch_threads()
+        began = time.perf_counter()
+        self._load(model_id, checkpoint, seed, landscape_extra)
+        v = self.spec.volume
+        frame = measure_radii(
+            self.model, self.x, self.y, self.loss_fn, num_directions=count, start=start,
+            seed=v.seed, metric=v.metric, thresholds=tuple(v.thresholds),
+            filter_norm=v.filter_norm, search=v.search, rtol=v.rtol,
+            max_coefficient=v.max_coefficient, batch_size=v.batch_size, device=self.device,
+        )  # fmt: skip
+        seconds = time.perf_counter() - began
+        tags = {
+            "sweep": self.spec.name,
+            "model": model_id,
+            "landscape": str(self.data.base_size + landscape_extra),
+        }
+        self.directions.inc(count, tags=tags)
+        evaluations = int(frame.drop_duplicates("direction").evals.sum())
+        if evaluations:  # a base already past every threshold needs none
+            self.evaluations.inc(evaluations, tags=tags)
+        self.shard_seconds.observe(seconds, tags=tags)
+        radius = frame.radius.median()
+        if radius == radius:  # not NaN
+            self.latest_radius.set(float(radius), tags=tags)
+        facts = {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "seconds": seconds,
+        }
+        return frame.to_dict("list"), facts
+
+    def pid(self) -> int:
+        return os.getpid()
