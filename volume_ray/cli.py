@@ -32,9 +32,10 @@ def _spec(path: str):
 
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from volume_ray.driver import run_sweep
+    from volume_ray.experiment import check_runnable
 
     spec = _spec(args.spec)
-    _check_data(spec)
+    check_runnable(spec)
     started = time.perf_counter()
     store = run_sweep(spec, args.storage, address=args.address, stages=stages)
     print(f"\n{spec.name}: done in {time.perf_counter() - started:.0f} s, results in {store.root}")
@@ -49,13 +50,6 @@ def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     return 0
 
 
-def _check_data(spec) -> None:
-    """Load the data once here, so a size over the pool fails before Ray starts."""
-    from volume_ray.experiment import experiment_data
-
-    experiment_data(spec)
-
-
 def _print_volumes(store) -> None:
     import pandas as pd
 
@@ -68,11 +62,11 @@ def _print_volumes(store) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from volume_ray.experiment import experiment_data
+    from volume_ray.experiment import check_runnable
     from volume_ray.spec import plan_pairs, plan_trials
 
     spec = _spec(args.spec)
-    data = experiment_data(spec)
+    data = check_runnable(spec)
     trials = plan_trials(spec)
     pairs = plan_pairs(spec, trials, data.landscapes_use_extras)
     v = spec.volume

@@ -183,8 +183,10 @@ def run_sweep(
     address: str | None = None,
     stages: tuple[str, ...] = STAGES,
     progress: bool = True,
+    **train_options,
 ) -> SweepStore:
-    """Run the given stages of a sweep into `<storage>/<name>/`, resuming finished work."""
+    """Run the given stages of a sweep into `<storage>/<name>/`, resuming finished work.
+    `train_options` go to `train_stage`."""
     from volume_ray.tune_stage import train_stage  # Tune is heavy: only when training
 
     store = SweepStore(storage, spec.name)
@@ -192,7 +194,7 @@ def run_sweep(
     started = connect(address)
     try:
         if "train" in stages:
-            train_stage(spec, store, progress=progress)
+            train_stage(spec, store, progress=progress, **train_options)
         if "measure" in stages:
             measure_stage(spec, store, progress=progress)
         if "aggregate" in stages:

@@ -15,7 +15,7 @@ from volume_ray.data import ExperimentData, load_source, split_experiment
 from volume_ray.models import build_model
 from volume_ray.spec import SweepSpec
 
-__all__ = ["experiment_data", "new_model", "set_torch_threads"]
+__all__ = ["check_runnable", "experiment_data", "new_model", "set_torch_threads"]
 
 
 def set_torch_threads() -> None:
@@ -49,3 +49,20 @@ def new_model(spec: SweepSpec, data: ExperimentData, seed: int) -> nn.Module:
         m.name, data.source.input_shape, outputs, seed=seed, hidden=m.hidden,
         channels=m.channels, layers=m.layers, heads=m.heads, width=m.width,
     )  # fmt: skip
+
+
+def check_runnable(spec: SweepSpec) -> ExperimentData:
+    """Build the data and one model now, so that a size over the pool or a model that
+    does not fit the data fails before any cluster work starts."""
+    data = experiment_data(spec)
+    model = new_model(spec, data, seed=0)
+    sample = data.base_x[:2]
+    try:
+        with torch.no_grad():
+            model(sample)
+    except RuntimeError as error:
+        raise ValueError(
+            f"model {spec.model.name!r} does not fit dataset {spec.dataset.name!r} samples of "
+            f"shape {tuple(sample.shape[1:])}: {error}"
+        ) from None
+    return data

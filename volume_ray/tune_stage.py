@@ -115,18 +115,18 @@ class _StoreFinishedModels(tune.Callback):
         self.bar.update(1)
 
 
-def train_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> list[Trial]:
-    """Train the trials not yet in the store; return the trials trained now."""
+def train_stage(
+    spec: SweepSpec, store: SweepStore, *, progress: bool = True, trainable=train_trial
+) -> list[Trial]:
+    """Train the trials not yet in the store; return the trials trained now.
+    `trainable` is the Tune function trial configs go to (`train_trial`)."""
     done = set(store.finished_models().get("model_id", []))
     todo = [t for t in plan_trials(spec) if t.model_id not in done]
     if todo:
         gpus = _gpus_per_trial(spec)
         bar = tqdm(total=len(todo), unit="model", desc="training", disable=not progress)
-        trainable = tune.with_resources(
-            train_trial, {"cpu": spec.resources.cpus_per_trial, "gpu": gpus}
-        )
         tuner = tune.Tuner(
-            trainable,
+            tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": gpus}),
             param_space={
                 "spec": spec.model_dump(mode="json"),
                 "trial": tune.grid_search([asdict(t) for t in todo]),

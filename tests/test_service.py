@@ -1,0 +1,221 @@
+"""The Ray sweep service on a real local Ray: tables, resume, faults, bad specs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from volume_ray.cli import main
+from volume_ray.driver import aggregate_stage, measure_stage, pending_shards, run_sweep
+from volume_ray.spec import load_spec
+from volume_ray.store import SweepStore
+from volume_ray.tune_stage import train_trial
+
+MODELS_COLUMNS = [
+    "model_id", "dataset", "train_size", "batch_size", "optimizer", "seed", "epochs",
+    "train_loss", "train_acc", "test_loss", "test_acc", "n_params", "checkpoint",
+]  # fmt: skip
+VOLUMES_COLUMNS = [
+    "model_id", "landscape_size", "metric", "threshold", "estimator", "log_volume", "ci_low",
+    "ci_high", "n_directions", "n_censored", "n_params", "mean_radius", "median_radius",
+    "max_radius",
+]  # fmt: skip
+
+TINY = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0, 120]},
+    "model": {"name": "mlp", "hidden": [16]},
+    "train": {"epochs": 150, "lr": 0.01, "seeds": [0]},
+    "volume": {"directions": 24, "shard_size": 3, "thresholds": [0.5, 1.0]},
+    "resources": {"workers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Ray workers import functions defined here (a flaky trainable) by module name.
+    tests = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(local_ray, tmp_path_factory) -> SweepStore:
+    """The tiny sweep, trained and measured once; tests copy it."""
+    storage = tmp_path_factory.mktemp("storage")
+    return run_sweep(load_spec(TINY), str(storage), progress=False)
+
+
+def copy_store(store: SweepStore, tmp_path: Path, radii: bool) -> SweepStore:
+    shutil.copytree(store.root, tmp_path / store.root.name)
+    copy = SweepStore(tmp_path, store.root.name)
+    if not radii:
+        shutil.rmtree(copy.radii)
+        copy.volumes_path.unlink()
+    return copy
+
+
+def test_a_tiny_sweep_yields_the_contract_tables(trained):
+    models = pd.read_parquet(trained.models_path)
+    assert list(models.columns) == MODELS_COLUMNS
+    assert sorted(models.train_size) == [60, 180]
+    radii = trained.read_radii()
+    assert len(radii) == 3 * 24 * 2  # pairs (60 in 60; 180 in 60 and 180) x directions x T
+    assert set(radii.landscape_size) == {60, 180}
+    volumes = pd.read_parquet(trained.volumes_path)
+    assert list(volumes.columns) == VOLUMES_COLUMNS
+    assert len(volumes) == 3 * 2 * 2  # pairs x thresholds x estimators
+    assert (volumes.n_directions == 24).all()
+    assert yaml.safe_load(trained.spec_path.read_text())["name"] == "tiny"
+    # every model is measured with the same direction seeds
+    raw = radii.groupby("model_id").raw_norm.apply(lambda s: tuple(sorted(set(s))))
+    assert raw.nunique() == 1
+
+
+def sorted_radii(store: SweepStore) -> pd.DataFrame:
+    keys = ["model_id", "landscape_size", "direction", "threshold"]
+    return store.read_radii().sort_values(keys).reset_index(drop=True)
+
+
+def test_a_truncated_shard_is_detected_and_recomputed(trained, local_ray, tmp_path):
+    store = copy_store(trained, tmp_path, radii=True)
+    victim = sorted(store.radii.glob("*.parquet"))[4]
+    victim.write_bytes(victim.read_bytes()[:100])
+    spec = load_spec(TINY)
+    missing, total = pending_shards(spec, store)
+    assert [m.start for m in missing] == [int(victim.name.split("__d")[1].split("-")[0])]
+    assert measure_stage(spec, store, progress=False) == 1
+    pd.testing.assert_frame_equal(sorted_radii(store), sorted_radii(trained))
+
+
+def test_a_worker_killed_mid_shard_changes_nothing(trained, local_ray, tmp_path):
+    store = copy_store(trained, tmp_path, radii=False)
+    spec = load_spec(TINY)
+    errors = []
+
+    def measure() -> None:
+        try:
+            measure_stage(spec, store, progress=False)
+        except Exception as error:  # surfaced by the assertion below
+            errors.append(error)
+
+    worker = threading.Thread(target=measure)
+    worker.start()
+    deadline = time.time() + 60
+    killed = False
+    while not killed and time.time() < deadline:
+        try:
+            actor = ray.get_actor("volume_worker:tiny:0")
+            pid = ray.get(actor.pid.remote(), timeout=10)
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        except (ValueError, ray.exceptions.RayError):
+            time.sleep(0.2)
+    worker.join(timeout=300)
+    assert killed and not worker.is_alive() and not errors
+    pd.testing.assert_frame_equal(sorted_radii(store), sorted_radii(trained))
+    pd.testing.assert_frame_equal(
+        aggregate_stage(spec, store), pd.read_parquet(trained.volumes_path)
+    )
+
+
+def test_a_killed_driver_resumes_without_recomputing(trained, tmp_path):
+    store = copy_store(trained, tmp_path, radii=False)
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(TINY))
+    command = [sys.executable, "-m", "volume_ray.cli", "measure", str(spec_path),
+               "--storage", str(tmp_path)]  # fmt: skip
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while len(list(store.radii.glob("*.parquet"))) < 4 and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    survivors = {p.name: p.stat().st_mtime_ns for p in store.radii.glob("*.parquet")}
+    assert 4 <= len(survivors) < 24  # killed in the middle
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    for name, mtime in survivors.items():  # finished shards were not measured again
+        assert (store.radii / name).stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(sorted_radii(store), sorted_radii(trained))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(store.volumes_path), pd.read_parquet(trained.volumes_path)
+    )
+
+
+def flaky_trial(config: dict) -> None:
+    """Fails the first attempt of every trial, then trains as usual."""
+    marker = Path(config["marker_dir"]) / f"{config['trial']['model_id']}.failed"
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError("injected failure")
+    train_trial(config)
+
+
+def test_a_trial_that_raises_once_is_retried(local_ray, tmp_path):
+    spec = load_spec({**TINY, "name": "flaky", "dataset": {**TINY["dataset"], "extra_sizes": [0]}})
+    store = run_sweep(
+        spec, str(tmp_path), stages=("train",), progress=False,
+        trainable=lambda config: flaky_trial({**config, "marker_dir": str(tmp_path)}),
+    )  # fmt: skip
+    assert list(tmp_path.glob("*.failed"))
+    assert len(pd.read_parquet(store.models_path)) == 1
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (None, "does not exist"),
+        ({"volume": {"search": "golden"}}, "volume.search"),
+        ({"dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0, 5000]}}, "remain"),
+        ({"model": {"name": "cnn", "channels": [4]}}, "square images"),
+        ({"dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0], "wrong": 1}}, "wrong"),
+    ],
+)
+def test_bad_specs_get_a_message_without_traceback(tmp_path, capsys, change, match):
+    path = tmp_path / "spec.yaml"
+    if change is not None:
+        path.write_text(yaml.safe_dump({**TINY, **change}))
+    assert main(["validate", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert match in error and "Traceback" not in error
+
+
+def test_concurrent_sweeps_in_one_storage_do_not_interfere(trained, tmp_path):
+    storage = tmp_path / "shared"
+    for name in ("one", "two"):
+        shutil.copytree(trained.root, storage / name)
+        spec = {**TINY, "name": name}
+        (storage / name / "spec.yaml").write_text(
+            yaml.safe_dump(load_spec(spec).model_dump(mode="json"), sort_keys=False)
+        )
+        shutil.rmtree(storage / name / "radii")
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "volume_ray.cli", "measure", str(tmp_path / f"{name}.yaml"),
+             "--storage", str(storage)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for name in ("one", "two")
+    ]  # fmt: skip
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()
+    for name in ("one", "two"):
+        pd.testing.assert_frame_equal(
+            sorted_radii(SweepStore(storage, name)), sorted_radii(trained)
+        )
