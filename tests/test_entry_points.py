@@ -51,7 +51,11 @@ def test_demo_rejects_bad_numbers(capsys):
 
 @pytest.mark.parametrize(
     "script,prints",
-    [("bench_radius_search.py", "speed-up per direction"), ("bench_training.py", "samples/s")],
+    [
+        ("bench_radius_search.py", "speed-up per direction"),
+        ("bench_training.py", "samples/s"),
+        ("bench_workers.py", "per-shard overhead"),
+    ],
 )
 def test_benchmarks_run(script, prints):
     run = subprocess.run(

@@ -97,7 +97,7 @@ def test_a_truncated_shard_is_detected_and_recomputed(trained, local_ray, tmp_pa
     spec = load_spec(TINY)
     missing, total = pending_shards(spec, store)
     assert [m.start for m in missing] == [int(victim.name.split("__d")[1].split("-")[0])]
-    assert measure_stage(spec, store, progress=False) == 1
+    assert measure_stage(spec, store, progress=False).shards == 1
     pd.testing.assert_frame_equal(sorted_radii(store), sorted_radii(trained))
 
 
@@ -219,3 +219,15 @@ def test_concurrent_sweeps_in_one_storage_do_not_interfere(trained, tmp_path):
         pd.testing.assert_frame_equal(
             sorted_radii(SweepStore(storage, name)), sorted_radii(trained)
         )
+
+
+def test_status_and_query_read_the_store(trained, capsys):
+    assert main(["status", str(trained.root)]) == 0
+    out = capsys.readouterr().out
+    assert "models   2/2 trained" in out and "shards   24/24 measured" in out
+    assert main(["query", str(trained.root), "--table", "volumes", "--format", "csv",
+                 "--where", "estimator == 'paper' and threshold == 0.5"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("model_id,landscape_size") and len(lines) == 1 + 3
+    assert main(["query", str(trained.root), "--table", "radii", "--where", "nope >"]) == 2
+    assert "--where" in capsys.readouterr().err

@@ -54,9 +54,11 @@ def _print_volumes(store) -> None:
     import pandas as pd
 
     volumes = pd.read_parquet(store.volumes_path)
+    order = pd.read_parquet(store.models_path).sort_values(["train_size", "optimizer", "seed"])
     paper = volumes[volumes.estimator == "paper"]
     for (metric, threshold), group in paper.groupby(["metric", "threshold"]):
         table = group.pivot(index="model_id", columns="landscape_size", values="log_volume")
+        table = table.reindex([m for m in order.model_id if m in table.index])
         print(f"\nlog-volume ({metric} threshold {threshold}); rows: models, columns: landscapes")
         print(table.to_string(float_format=lambda v: f"{v:,.1f}"))
 
@@ -208,6 +210,7 @@ def _positive_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's tables: our bars say enough
     args = _parser().parse_args(argv)
     try:
         return args.run(args)

@@ -9,6 +9,7 @@ reproduce it exactly.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pandas as pd
@@ -20,7 +21,14 @@ from volume_ray.spec import Pair, SweepSpec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
 from volume_ray.workers import VolumeWorker
 
-__all__ = ["Shard", "aggregate_stage", "measure_stage", "pending_shards"]
+__all__ = [
+    "MeasureStats",
+    "Shard",
+    "aggregate_stage",
+    "measure_stage",
+    "pending_shards",
+    "run_sweep",
+]
 
 VOLUME_TABLE_COLUMNS = ["model_id", "landscape_size", *VOLUME_COLUMNS]
 
@@ -72,11 +80,22 @@ def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
     return max(1, min(wanted, shards)), (0.0 if per_gpu > 0 else 1.0), per_gpu
 
 
-def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> int:
-    """Measure every shard not yet on disk; return how many were measured now."""
+@dataclass(frozen=True)
+class MeasureStats:
+    """What one measuring stage did: shards measured, seconds until every actor was
+    ready (process start, imports, data), then seconds spent measuring."""
+
+    shards: int
+    startup_seconds: float
+    measure_seconds: float
+
+
+def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> MeasureStats:
+    """Measure every shard not yet on disk."""
     shards, _ = pending_shards(spec, store)
     if not shards:
-        return 0
+        return MeasureStats(0, 0.0, 0.0)
+    began = time.perf_counter()
     count, cpus, gpus = _worker_count(spec, len(shards))
     # The spec is small enough to travel inline with each actor's creation, so a
     # restarted actor never depends on an object that could be evicted.
@@ -87,6 +106,8 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
         ).remote(spec_dict, str(store.root.resolve()))
         for i in range(count)
     ]  # fmt: skip
+    ray.get([actor.pid.remote() for actor in actors])  # every actor up
+    ready = time.perf_counter()
     queue = list(shards)  # ordered by pair, so an actor's next shard is usually loaded
     running: dict[ray.ObjectRef, tuple[int, Shard]] = {}
     last_pair: dict[int, Pair] = {}
@@ -129,7 +150,7 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
         bar.close()
         for actor in actors:
             ray.kill(actor)
-    return len(shards)
+    return MeasureStats(len(shards), ready - began, time.perf_counter() - ready)
 
 
 def _write_shard(store: SweepStore, shard: Shard, columns: dict, facts: dict) -> None:

@@ -30,7 +30,7 @@ from volume_ray.search import (
     paper_grid,
 )
 
-__all__ = ["SEARCHES", "RADII_COLUMNS", "measure_radii"]
+__all__ = ["SEARCHES", "RADII_COLUMNS", "RadiusMeter", "measure_radii"]
 
 SEARCHES = ("bisect", "grid")
 RADII_COLUMNS = [
@@ -93,75 +93,100 @@ def measure_radii(
 
     The model is left as it was: its weights are never written.
     """
-    grid = _check_arguments(
-        model, x, y, loss_fn, num_directions, seed, metric, thresholds, filter_norm,
-        search, coefficients, rtol, max_coefficient, batch_size, start, full_curve,
-        points_per_pass,
-    )  # fmt: skip
-    device = _device(device, model)
-    if next(model.parameters()).device != device:
-        model = copy.deepcopy(model).to(device)
-    # Memory cap: a block of directions, and the weight sets stacked for one pass,
-    # each hold about BLOCK_FLOATS scalars at most.
-    per_block = max(1, min(num_directions, BLOCK_FLOATS // _parameter_count(model)))
-    if points_per_pass is None:
-        points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
-    points_per_pass = min(points_per_pass, per_block)
+    _check_int("num_directions", num_directions, minimum=1)  # before any work
+    _check_int("start", start, minimum=0)
     was_training = model.training
-    model.eval()
     try:
-        params = perturbed_parameters(model)
-        landscape = Landscape(
-            model, params, x.to(device), y.to(device), loss_fn,
-            metric=metric, batch_size=batch_size, points_per_pass=points_per_pass,
+        meter = RadiusMeter(
+            model, x, y, loss_fn, seed=seed, metric=metric, thresholds=thresholds,
+            filter_norm=filter_norm, search=search, coefficients=coefficients, rtol=rtol,
+            max_coefficient=max_coefficient, batch_size=batch_size, device=device,
+            full_curve=full_curve, points_per_pass=points_per_pass,
         )  # fmt: skip
-        levels = _levels(metric, thresholds, landscape.size)
-        _warn_if_base_is_past(metric, thresholds, levels, landscape.base_total)
-
-        def new_search(hints: list[Hint | None] | None) -> GridSearch | BracketSearch:
-            if search == "grid":
-                return GridSearch(levels, landscape.base_total, grid, full_curve=full_curve)
-            return BracketSearch(
-                levels, landscape.base_total, rtol=rtol, max_coefficient=max_coefficient,
-                hints=hints,
-            )  # fmt: skip
-
-        walker = _Walker(
-            landscape, FilterNorm(params, filter_norm), seed, metric, thresholds, new_search
-        )
-        if search == "bisect":
-            walker.take_hints_from_direction_zero()
-        stop = start + num_directions
-        frames = [
-            walker.measure(range(first, min(first + per_block, stop)))
-            for first in range(start, stop, per_block)
-        ]
+        return meter.measure(start, num_directions)
     finally:
         model.train(was_training)
-    return pd.concat(frames, ignore_index=True)
 
 
-class _Walker:
-    """Walks blocks of directions from the trained weights on one landscape."""
+class RadiusMeter:
+    """What `measure_radii` computes once per (model, landscape, settings): the
+    landscape on its device, the filter norm, and the hints that direction 0 gives
+    every other walk. `measure(start, count)` then walks any range of directions, and
+    the radii never depend on how the ranges are split. A worker keeps one meter per
+    (model, landscape) pair. The model is left in eval mode (a copy, if it had to
+    move to `device`). Arguments are those of `measure_radii`.
+    """
 
-    def __init__(self, landscape, to_norm, seed, metric, thresholds, new_search):
-        """`new_search(hints)` makes the search of one walk."""
-        self.landscape = landscape
-        self.to_norm = to_norm
-        self.seed = seed
-        self.metric = metric
-        self.thresholds = thresholds
-        self.new_search = new_search
-        self.hints = None
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        seed: int = 1,
+        metric: str = "loss",
+        thresholds: Sequence[float] = (0.1,),
+        filter_norm: str = "paper",
+        search: str = "bisect",
+        coefficients: Sequence[float] | None = None,
+        rtol: float = DEFAULT_RTOL,
+        max_coefficient: float = 1.0,
+        batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        full_curve: bool = False,
+        points_per_pass: int | None = None,
+    ):
+        grid = _check_arguments(
+            model, x, y, loss_fn, seed, metric, thresholds, filter_norm, search, coefficients,
+            rtol, max_coefficient, batch_size, full_curve, points_per_pass,
+        )  # fmt: skip
+        device = _device(device, model)
+        if next(model.parameters()).device != device:
+            model = copy.deepcopy(model).to(device)
+        model.eval()
+        # Memory cap: a block of directions, and the weight sets stacked for one pass,
+        # each hold about BLOCK_FLOATS scalars at most.
+        self.block = max(1, BLOCK_FLOATS // _parameter_count(model))
+        if points_per_pass is None:
+            points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
+        params = perturbed_parameters(model)
+        self.landscape = Landscape(
+            model, params, x.to(device), y.to(device), loss_fn, metric=metric,
+            batch_size=batch_size, points_per_pass=min(points_per_pass, self.block),
+        )  # fmt: skip
+        levels = _levels(metric, thresholds, self.landscape.size)
+        _warn_if_base_is_past(metric, thresholds, levels, self.landscape.base_total)
+        self.to_norm = FilterNorm(params, filter_norm)
+        self.seed, self.metric, self.thresholds = seed, metric, thresholds
+        base = self.landscape.base_total
+        if search == "grid":
+            self.new_search = lambda _hints: GridSearch(levels, base, grid, full_curve=full_curve)
+        else:
+            self.new_search = lambda hints: BracketSearch(
+                levels, base, rtol=rtol, max_coefficient=max_coefficient, hints=hints
+            )
+        self.hints = self._hints_from_direction_zero() if search == "bisect" else None
 
-    def take_hints_from_direction_zero(self) -> None:
+    def _hints_from_direction_zero(self) -> list[Hint | None]:
         """Direction 0 guides every other walk's first probe. It does so identically in
         every shard, so radii never depend on how directions were sharded."""
         pilot = self.new_search(None)
         self._run([pilot], self._directions([0])[1])
-        self.hints = pilot.hints()
+        return pilot.hints()
 
-    def measure(self, indices: Sequence[int]) -> pd.DataFrame:
+    def measure(self, start: int, num_directions: int) -> pd.DataFrame:
+        """Rows of directions start .. start+num_directions-1, as `measure_radii`."""
+        _check_int("num_directions", num_directions, minimum=1)
+        _check_int("start", start, minimum=0)
+        stop = start + num_directions
+        frames = [
+            self._measure_block(range(first, min(first + self.block, stop)))
+            for first in range(start, stop, self.block)
+        ]
+        return pd.concat(frames, ignore_index=True)
+
+    def _measure_block(self, indices: Sequence[int]) -> pd.DataFrame:
         raw, directions = self._directions(indices)
         searches = [self.new_search(self.hints) for _ in indices]
         evals, samples = self._run(searches, directions)
@@ -267,8 +292,8 @@ def _metric_values(metric: str, totals: np.ndarray, size: int) -> np.ndarray:
 
 
 def _check_arguments(
-    model, x, y, loss_fn, num_directions, seed, metric, thresholds, filter_norm, search,
-    coefficients, rtol, max_coefficient, batch_size, start, full_curve, points_per_pass,
+    model, x, y, loss_fn, seed, metric, thresholds, filter_norm, search, coefficients, rtol,
+    max_coefficient, batch_size, full_curve, points_per_pass,
 ) -> np.ndarray | None:  # fmt: skip
     """Every argument rule of `measure_radii`, checked before any work; returns the
     coefficient grid of a grid search (None for bisect)."""
@@ -287,9 +312,7 @@ def _check_arguments(
         raise ValueError(f"full_curve must be True or False, got {full_curve!r}")
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(outputs, targets)")
-    _check_int("num_directions", num_directions, minimum=1)
     _check_int("seed", seed, minimum=0)
-    _check_int("start", start, minimum=0)
     for name, value, allowed in (
         ("metric", metric, METRICS),
         ("filter_norm", filter_norm, FILTER_NORMS),

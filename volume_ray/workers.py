@@ -11,7 +11,7 @@ import torch
 from ray.util import metrics
 
 from volume_ray.experiment import experiment_data, new_model, set_torch_threads
-from volume_ray.measure import measure_radii
+from volume_ray.measure import RadiusMeter
 from volume_ray.models import loss_for_task
 from volume_ray.spec import SweepSpec
 from volume_ray.train import load_checkpoint
@@ -47,14 +47,19 @@ class VolumeWorker:
         )
 
     def _load(self, model_id: str, checkpoint: str, seed: int, landscape_extra: int) -> None:
+        """Build the meter of a pair once: landscape on the device, filter norm, hints."""
         if self.loaded == (model_id, landscape_extra):
             return
         model = new_model(self.spec, self.data, seed)
-        self.model = load_checkpoint(model, os.path.join(self.store_root, checkpoint)).to(
-            self.device
-        )
+        model = load_checkpoint(model, os.path.join(self.store_root, checkpoint))
         x, y = self.data.landscape_set(landscape_extra)
-        self.x, self.y = x.to(self.device), y.to(self.device)
+        v = self.spec.volume
+        self.meter = RadiusMeter(
+            model, x, y, self.loss_fn, seed=v.seed, metric=v.metric,
+            thresholds=tuple(v.thresholds), filter_norm=v.filter_norm, search=v.search,
+            rtol=v.rtol, max_coefficient=v.max_coefficient, batch_size=v.batch_size,
+            device=self.device,
+        )  # fmt: skip
         self.loaded = (model_id, landscape_extra)
 
     def measure(
@@ -65,13 +70,7 @@ class VolumeWorker:
         set_torch_threads()
         began = time.perf_counter()
         self._load(model_id, checkpoint, seed, landscape_extra)
-        v = self.spec.volume
-        frame = measure_radii(
-            self.model, self.x, self.y, self.loss_fn, num_directions=count, start=start,
-            seed=v.seed, metric=v.metric, thresholds=tuple(v.thresholds),
-            filter_norm=v.filter_norm, search=v.search, rtol=v.rtol,
-            max_coefficient=v.max_coefficient, batch_size=v.batch_size, device=self.device,
-        )  # fmt: skip
+        frame = self.meter.measure(start, count)
         seconds = time.perf_counter() - began
         tags = {
             "sweep": self.spec.name,
