@@ -24,8 +24,19 @@ def readme_commands() -> list[str]:
 
 def test_ci_runs_the_readme_test_command():
     install_and_run, install_and_test = readme_commands()
-    assert install_and_run.endswith("volume-ray demo")
+    assert install_and_run.endswith("volume-ray run sweeps/digits_data_scaling.yaml")
     assert install_and_test in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_readme_main_job_runs_end_to_end(tmp_path):
+    """The README's main command, with the results in a temporary folder."""
+    command = readme_commands()[0].split("&&")[1].split() + ["--storage", str(tmp_path)]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "log-volume (loss threshold 0.1)" in run.stdout
+    volumes = pd.read_parquet(tmp_path / "digits-data-scaling" / "volumes.parquet")
+    assert len(volumes) == 30 * 2  # (model, landscape) pairs x estimators
+    assert volumes.log_volume.notna().all()
 
 
 def test_demo_writes_the_tables(tmp_path, capsys):
