@@ -10,12 +10,14 @@ reproduce it exactly.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import pandas as pd
 import ray
 from tqdm import tqdm
 
+from volume_ray.data.subsets import landscapes_use_extras
 from volume_ray.estimators import VOLUME_COLUMNS, volume_table
 from volume_ray.spec import Pair, SweepSpec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
@@ -51,7 +53,7 @@ def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int
         return [], 0
     trained = {t.model_id: t for t in plan_trials(spec) if t.model_id in set(models.model_id)}
     checkpoints = dict(zip(models.model_id, models.checkpoint))
-    uses_extras = spec.dataset.extra_kind in ("data", "imbalanced")
+    uses_extras = landscapes_use_extras(spec.dataset.extra_kind)
     rows_per_direction = len(spec.volume.thresholds)
     shards, total = [], 0
     for pair in plan_pairs(spec, list(trained.values()), uses_extras):
@@ -108,17 +110,22 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
     ]  # fmt: skip
     ray.get([actor.pid.remote() for actor in actors])  # every actor up
     ready = time.perf_counter()
-    queue = list(shards)  # ordered by pair, so an actor's next shard is usually loaded
+    waiting: dict[Pair, deque[Shard]] = {}  # per pair, in order: an actor keeps its pair
+    for shard in shards:
+        waiting.setdefault(shard.pair, deque()).append(shard)
     running: dict[ray.ObjectRef, tuple[int, Shard]] = {}
     last_pair: dict[int, Pair] = {}
 
     def submit(actor: int) -> None:
-        if not queue:
+        if not waiting:
             return
-        same = next((k for k, s in enumerate(queue) if s.pair == last_pair.get(actor)), 0)
-        shard = queue.pop(same)
-        last_pair[actor] = shard.pair
-        pair = shard.pair
+        pair = last_pair.get(actor)
+        if pair not in waiting:
+            pair = next(iter(waiting))
+        shard = waiting[pair].popleft()
+        if not waiting[pair]:
+            del waiting[pair]
+        last_pair[actor] = pair
         ref = (
             actors[actor]
             .measure.options(name=f"measure {pair.model_id} L{pair.landscape_size} d{shard.start}")
@@ -170,7 +177,8 @@ def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
     if radii.empty:
         volumes = pd.DataFrame(columns=VOLUME_TABLE_COLUMNS)
     else:
-        n_params = dict(zip(store.finished_models().model_id, store.finished_models().n_params))
+        models = store.finished_models()
+        n_params = dict(zip(models.model_id, models.n_params))
         frames = []
         for (model_id, size), group in radii.groupby(["model_id", "landscape_size"], sort=True):
             table = volume_table(group, int(n_params[model_id]), seed=spec.volume.seed)

@@ -117,17 +117,14 @@ class SweepStore:
         return self.radii / f"{model_id}__L{landscape_size}__d{start:07d}-{count}.parquet"
 
     def shard_is_complete(self, path: Path, rows: int) -> bool:
-        """A readable shard with the rows it should hold; anything else is removed so
-        that it is measured again."""
+        """A readable shard with the rows it should hold. Anything else (a truncated
+        or foreign file) is measured again and atomically replaced."""
         if not path.exists():
             return False
         try:
-            complete = pq.read_metadata(path).num_rows == rows
+            return pq.read_metadata(path).num_rows == rows
         except (OSError, pa.ArrowInvalid):
-            complete = False
-        if not complete:
-            path.unlink()
-        return complete
+            return False
 
     def read_radii(self) -> pd.DataFrame:
         files = sorted(self.radii.glob("*.parquet"))

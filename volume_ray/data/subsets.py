@@ -22,10 +22,15 @@ import torch
 
 from volume_ray.data.sources import Source
 
-__all__ = ["EXTRA_KINDS", "ExperimentData", "split_experiment"]
+__all__ = ["EXTRA_KINDS", "ExperimentData", "landscapes_use_extras", "split_experiment"]
 
 EXTRA_KINDS = ("data", "poison", "noise", "imbalanced")
 _POISON_STREAM, _NOISE_STREAM = 1_000_003, 2_000_003  # seed offsets: independent RNG streams
+
+
+def landscapes_use_extras(extra_kind: str) -> bool:
+    """Poison and noise extras are never part of a landscape: only the clean base is."""
+    return extra_kind in ("data", "imbalanced")
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,7 @@ class ExperimentData:
 
     @property
     def landscapes_use_extras(self) -> bool:
-        """Poison and noise extras are never part of a landscape: only the clean base is."""
-        return self.extra_kind in ("data", "imbalanced")
+        return landscapes_use_extras(self.extra_kind)
 
     def landscape_set(self, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The set a landscape of `extra` extra samples measures loss on."""
