@@ -5,6 +5,7 @@
 - `validate SPEC`  print the plan, or the bad field and how to fix it;
 - `status DIR`     what a sweep's store holds;
 - `query DIR`      a table of the store, filtered, as text, CSV or JSON;
+- `report DIR`     figures and a Markdown summary with the trend tables, in the store;
 - `demo`           one digits MLP measured in this process, without Ray.
 
 Without `--address` a local Ray starts; with one, the command joins that cluster.
@@ -24,17 +25,18 @@ __all__ = ["main"]
 DEFAULT_STORAGE = "results"
 
 
-def _spec(path: str):
-    from volume_ray.spec import load_spec
+def _spec(args: argparse.Namespace):
+    from volume_ray.spec import load_spec, smoke_variant
 
-    return load_spec(path)
+    spec = load_spec(args.spec)
+    return smoke_variant(spec) if args.smoke else spec
 
 
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from volume_ray.driver import run_sweep
     from volume_ray.experiment import check_runnable
 
-    spec = _spec(args.spec)
+    spec = _spec(args)
     check_runnable(spec)
     started = time.perf_counter()
     store = run_sweep(spec, args.storage, address=args.address, stages=stages)
@@ -64,19 +66,25 @@ def _print_volumes(store) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from volume_ray.data import MissingDataError
+    from volume_ray.data.subsets import landscapes_use_extras
     from volume_ray.experiment import check_runnable
     from volume_ray.spec import plan_pairs, plan_trials
 
-    spec = _spec(args.spec)
-    data = check_runnable(spec)
+    spec = _spec(args)
+    try:
+        data = check_runnable(spec)
+        test = f"test {len(data.test_set[0])}"
+    except MissingDataError as error:  # the plan still stands; `run` will need the files
+        test = f"data NOT checked: {error}"
     trials = plan_trials(spec)
-    pairs = plan_pairs(spec, trials, data.landscapes_use_extras)
+    pairs = plan_pairs(spec, trials, landscapes_use_extras(spec.dataset.extra_kind))
     v = spec.volume
     shards = len(pairs) * -(-v.directions // v.shard_size)
     print(f"sweep {spec.name}: valid")
     d = spec.dataset
     print(f"  data      {d.name}: base {d.base_size} + extras {d.extra_sizes} "
-          f"({d.extra_kind}), test {len(data.test_set[0])}")  # fmt: skip
+          f"({d.extra_kind}), {test}")  # fmt: skip
     print(f"  trials    {len(trials)}: {len(spec.dataset.extra_sizes)} sizes x "
           f"{len(spec.train.batch_sizes)} batch sizes x {len(spec.train.optimizers)} optimizers "
           f"x {len(spec.train.sam_rhos)} SAM rhos x {len(spec.train.seeds)} seeds")  # fmt: skip
@@ -113,6 +121,14 @@ def _query(args: argparse.Namespace) -> int:
         print(frame.to_json(orient="records"))
     else:
         print(frame.to_string(index=False))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from volume_ray.analysis.report import write_report
+
+    out = write_report(args.dir)
+    print(f"wrote {len(list(out.glob('*.png')))} figures and {out / 'summary.md'}")
     return 0
 
 
@@ -173,11 +189,13 @@ def _parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("spec", help="sweep spec (YAML)")
+        command.add_argument("--smoke", action="store_true", help="the small form (see spec)")
         command.add_argument("--storage", default=DEFAULT_STORAGE, help="results root folder")
         command.add_argument("--address", default=None, help="Ray cluster to join")
         command.set_defaults(run=lambda args, stages=stages: _run(args, stages))
     validate = commands.add_parser("validate", help="check a spec and print its plan")
     validate.add_argument("spec")
+    validate.add_argument("--smoke", action="store_true", help="the small form (see spec)")
     validate.set_defaults(run=_validate)
     status = commands.add_parser("status", help="what a sweep's store holds")
     status.add_argument("dir", help="the sweep's folder, <storage>/<name>")
@@ -188,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--where", default=None, help="a pandas query, e.g. 'threshold == 0.1'")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.set_defaults(run=_query)
+    report = commands.add_parser("report", help="figures and a Markdown summary of a sweep")
+    report.add_argument("dir", help="the sweep's folder, <storage>/<name>")
+    report.set_defaults(run=_report)
     demo = commands.add_parser(
         "demo", help="train an MLP on the embedded digits set and measure it, without Ray"
     )

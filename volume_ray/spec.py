@@ -23,7 +23,16 @@ from volume_ray.models import MODELS
 from volume_ray.search import DEFAULT_RTOL, MIN_RTOL
 from volume_ray.train import OPTIMIZERS
 
-__all__ = ["SpecError", "SweepSpec", "Trial", "Pair", "load_spec", "plan_trials", "plan_pairs"]
+__all__ = [
+    "Pair",
+    "SpecError",
+    "SweepSpec",
+    "Trial",
+    "load_spec",
+    "plan_pairs",
+    "plan_trials",
+    "smoke_variant",
+]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -115,6 +124,34 @@ class SweepSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     volume: VolumeSpec = Field(default_factory=VolumeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+
+SMOKE_EPOCHS, SMOKE_DIRECTIONS = 30, 8
+
+
+def smoke_variant(spec: SweepSpec) -> SweepSpec:
+    """The documented small form of any sweep (CLI `--smoke`): the two smallest extra
+    sizes, the first batch size, optimizer, SAM rho and seed, at most 30 epochs and 8
+    directions, under the name `<name>-smoke`."""
+    d, t, v = spec.dataset, spec.train, spec.volume
+    return spec.model_copy(
+        update={
+            "name": f"{spec.name}-smoke",
+            "dataset": d.model_copy(update={"extra_sizes": d.extra_sizes[:2]}),
+            "train": t.model_copy(
+                update={
+                    "epochs": min(t.epochs, SMOKE_EPOCHS),
+                    "batch_sizes": t.batch_sizes[:1],
+                    "optimizers": t.optimizers[:1],
+                    "sam_rhos": t.sam_rhos[:1],
+                    "seeds": t.seeds[:1],
+                }
+            ),
+            "volume": v.model_copy(
+                update={"directions": min(v.directions, SMOKE_DIRECTIONS), "shard_size": 4}
+            ),
+        }
+    )
 
 
 def load_spec(source: str | Path | dict) -> SweepSpec:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from volume_ray.data.sources import (
     TASKS,
+    MissingDataError,
     Source,
     load_char_text,
     load_digits,
@@ -21,6 +22,7 @@ __all__ = [
     "EXTRA_KINDS",
     "TASKS",
     "ExperimentData",
+    "MissingDataError",
     "Source",
     "load_source",
     "split_experiment",
@@ -47,7 +49,7 @@ def load_source(
         return load_vision(name, root, download=download)
     if name == "char_text":
         if root is None:
-            raise ValueError("dataset 'char_text' needs dataset.root: the path of a text file")
+            raise MissingDataError("dataset 'char_text' needs dataset.root: a text file's path")
         return load_char_text(root, seed=seed, **options)
     loader = {
         "digits": load_digits,

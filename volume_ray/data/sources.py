@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "TASKS",
+    "MissingDataError",
     "Source",
     "load_char_text",
     "load_digits",
@@ -28,6 +29,10 @@ __all__ = [
 # onehot_mse: one-hot float targets, MSE. language: next-character labels per position.
 TASKS = ("classification", "binary", "onehot_mse", "language")
 TEST_FRACTION = 0.2  # held out by sets that come without a test split
+
+
+class MissingDataError(ValueError):
+    """A file-based dataset whose files are not where the spec says."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,11 @@ def _hold_out(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor
 
 
 def _standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature standardisation with the training statistics."""
-    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)  # constant pixels stay 0
+    """Per-feature standardisation with the training statistics. A feature constant in
+    training (a border pixel) is only centred: dividing by its ~0 spread would blow a
+    test sample's stray value up into an enormous input."""
+    mean, std = train.mean(0), train.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     return (train - mean) / std, (test - mean) / std
 
 
@@ -145,7 +153,7 @@ def load_char_text(path: str | Path, seed: int = 0, block_size: int = 256) -> So
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(
+        raise MissingDataError(
             f"dataset 'char_text' reads the text file named by dataset.root, and {path} "
             "is not a file: point root at any UTF-8 text file (a book, code, ...)"
         )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torchvision import datasets
 
-from volume_ray.data.sources import Source
+from volume_ray.data.sources import MissingDataError, Source
 
 __all__ = ["VISION_DATASETS", "load_vision"]
 
@@ -83,14 +83,14 @@ def load_vision(name: str, root: str | Path | None, download: bool = False) -> S
     """Load `name` (see VISION_DATASETS) from `root` into normalised tensors."""
     spec = VISION_DATASETS[name]
     if root is None:
-        raise ValueError(
+        raise MissingDataError(
             f"dataset '{name}' is read from files: set dataset.root to the folder that "
             f"holds {spec.files[0]}"
         )
     root = Path(root)
     missing = [str(root / f) for f in spec.files if not (root / f).is_file()]
     if missing and not download:
-        raise ValueError(
+        raise MissingDataError(
             f"dataset '{name}': missing {', '.join(missing)}. Fetch them once where there "
             f"is network with torchvision.datasets.{spec.public}(root='{root}', "
             "download=True) and copy the folder here, or set dataset.download: true"

@@ -1,0 +1,101 @@
+"""Every sweep validates; the embedded families run end to end in their smoke form, and
+the analysis reads their stores."""
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from volume_ray.analysis import figures
+from volume_ray.analysis.report import write_report
+from volume_ray.cli import main
+from volume_ray.driver import run_sweep
+from volume_ray.results import load_table
+from volume_ray.spec import load_spec, smoke_variant
+
+SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+EMBEDDED = ["digits_data_scaling", "mnist1d_data_scaling", "swiss_roll", "modular_data_scaling"]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_sweep_validates(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_the_paper_families_are_all_there():
+    names = {p.stem for p in SWEEPS}
+    for family in ("digits", "mnist1d", "mnist_mlp", "mnist_cnn", "fashion_mnist", "svhn",
+                   "cifar10_cnn", "cifar10_mlp", "poison", "noise", "batch_size", "sam_mnist",
+                   "sam_swiss_roll", "sam_cifar10", "imbalance", "modular", "swiss_roll",
+                   "char_transformer"):  # fmt: skip
+        assert any(family in name for name in names), family
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("smoke")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        stores = {}
+        for name in EMBEDDED:
+            spec = smoke_variant(load_spec(Path(SWEEPS[0]).parent / f"{name}.yaml"))
+            stores[name] = run_sweep(spec, str(storage), progress=False)
+    finally:
+        ray.shutdown()
+    return stores
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_embedded_families_run_in_smoke_form(smoke_runs, name):
+    store = smoke_runs[name]
+    models = pd.read_parquet(store.models_path)
+    volumes = pd.read_parquet(store.volumes_path)
+    assert len(models) == 2  # the two smallest sizes, one seed
+    assert len(volumes) == 3 * len(volumes.threshold.unique()) * 2  # 3 pairs x T x estimators
+    assert (volumes.n_directions == 8).all()
+
+
+def test_queries_return_the_rows_the_parquet_files_hold(smoke_runs):
+    root = smoke_runs["digits_data_scaling"].root
+    files = sorted((root / "radii").glob("*.parquet"))
+    direct = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+    keys = ["model_id", "landscape_size", "direction", "threshold"]
+    queried = load_table(root, "radii")
+    pd.testing.assert_frame_equal(
+        queried.sort_values(keys).reset_index(drop=True),
+        direct.sort_values(keys).reset_index(drop=True),
+    )
+    filtered = load_table(root, "volumes", where="estimator == 'paper' and landscape_size > 100")
+    volumes = pd.read_parquet(root / "volumes.parquet")
+    expected = volumes[(volumes.estimator == "paper") & (volumes.landscape_size > 100)]
+    pd.testing.assert_frame_equal(filtered, expected.reset_index(drop=True))
+
+
+def test_report_writes_figures_whose_axes_carry_data(smoke_runs):
+    root = smoke_runs["digits_data_scaling"].root
+    out = write_report(root)
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 5 and all(p.stat().st_size > 10_000 for p in pngs)
+    summary = (out / "summary.md").read_text()
+    assert "Power law of volume against training-set size" in summary
+    models, volumes, radii = (load_table(root, t) for t in ("models", "volumes", "radii"))
+    drawn = [
+        figures.volume_against_train_size(volumes, models, 0.1),
+        figures.volume_against_landscape(volumes, models, 0.1),
+        figures.volume_against_test_accuracy(volumes, models, 0.1, 100),
+        figures.estimate_against_directions(radii, models, 0.1, 100),
+        figures.radius_distributions(radii, 0.1, 100),
+    ]
+    for figure in drawn:
+        for axis in figure.axes:
+            if axis.get_label() == "<colorbar>":
+                continue
+            assert axis.get_title() and axis.get_xlabel() and axis.get_ylabel()
+            data = [len(line.get_xdata()) for line in axis.lines]
+            data += [len(c.get_offsets()) for c in axis.collections] + [len(axis.patches)]
+            assert sum(data) > 0
+        plt.close(figure)

@@ -1,0 +1,1 @@
+"""Reading answers out of a results store: trends, ranks, cutoffs, figures, a report."""

@@ -1,0 +1,124 @@
+"""The paper's figures from a results store, with matplotlib (no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from volume_ray.estimators import log_volume_by_count  # noqa: E402
+
+__all__ = [
+    "volume_against_landscape",
+    "volume_against_test_accuracy",
+    "volume_against_train_size",
+    "estimate_against_directions",
+    "radius_distributions",
+]
+
+
+def _paper(volumes: pd.DataFrame, models: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    chosen = volumes[(volumes.estimator == "paper") & (volumes.threshold == threshold)]
+    return chosen.merge(models[["model_id", "train_size", "seed", "test_acc"]], on="model_id")
+
+
+def volume_against_train_size(volumes, models, threshold: float):
+    """Fig. 4 top: log-volume against training-set size in each fixed landscape, one
+    trace per seed, with the mean and spread over seeds."""
+    table = _paper(volumes, models, threshold)
+    landscapes = sorted(table.landscape_size.unique())
+    figure, axes = plt.subplots(
+        1, len(landscapes), figsize=(4 * len(landscapes), 3.5), squeeze=False
+    )
+    for axis, landscape in zip(axes[0], landscapes):
+        part = table[table.landscape_size == landscape]
+        for seed, trace in part.groupby("seed"):
+            trace = trace.sort_values("train_size")
+            axis.plot(trace.train_size, trace.log_volume, "o-", alpha=0.35, label=f"seed {seed}")
+        stats = part.groupby("train_size").log_volume.agg(["mean", "std"]).fillna(0)
+        axis.errorbar(
+            stats.index, stats["mean"], yerr=stats["std"], color="k", capsize=3, label="mean ± sd"
+        )
+        axis.set(xscale="log", title=f"landscape of {landscape} samples",
+                 xlabel="training-set size", ylabel="log-volume (nats)")  # fmt: skip
+        axis.legend(fontsize=7)
+    figure.suptitle(f"Minimum volume against training-set size (loss threshold {threshold})")
+    figure.tight_layout()
+    return figure
+
+
+def volume_against_landscape(
+    volumes, models, threshold: float, cutoffs: pd.DataFrame | None = None
+):
+    """Fig. 4 bottom: each minimum's log-volume against landscape size (mean over
+    seeds), with the landscape size where it stops being a minimum marked."""
+    table = _paper(volumes, models, threshold)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for size, group in table.groupby("train_size"):
+        mean = group.groupby("landscape_size").log_volume.mean()
+        (line,) = axis.plot(mean.index, mean.values, "o-", label=f"trained on {size}")
+        if cutoffs is not None:
+            cut = cutoffs[
+                (cutoffs.train_size == size) & (cutoffs.threshold == threshold)
+            ].cutoff.dropna()
+            for value in cut.unique():
+                axis.axvline(value, color=line.get_color(), ls=":", alpha=0.6)
+    title = f"Minima across landscapes (loss threshold {threshold}; dotted: cutoffs)"
+    axis.set(xscale="log", xlabel="landscape size (samples)", ylabel="log-volume (nats)",
+             title=title)  # fmt: skip
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def volume_against_test_accuracy(volumes, models, threshold: float, landscape: int):
+    """Log-volume in one landscape against the test accuracy of each minimum."""
+    table = _paper(volumes, models, threshold)
+    table = table[table.landscape_size == landscape]
+    figure, axis = plt.subplots(figsize=(5, 4))
+    points = axis.scatter(
+        table.test_acc, table.log_volume, c=np.log(table.train_size), cmap="viridis"
+    )
+    figure.colorbar(points, label="log training-set size")
+    axis.set(xlabel="test accuracy", ylabel="log-volume (nats)",
+             title=f"Volume against generalisation (landscape {landscape})")  # fmt: skip
+    figure.tight_layout()
+    return figure
+
+
+def estimate_against_directions(
+    radii: pd.DataFrame, models: pd.DataFrame, threshold: float, landscape: int
+):
+    """The paper estimate from the first K directions, for each minimum of a landscape."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    params = dict(zip(models.model_id, models.n_params))
+    chosen = radii[(radii.threshold == threshold) & (radii.landscape_size == landscape)]
+    for model_id, group in chosen.groupby("model_id"):
+        ordered = group.sort_values("direction").radius.to_numpy()
+        counts = np.unique(np.geomspace(1, len(ordered), 30).astype(int))
+        axis.plot(
+            counts, log_volume_by_count(ordered, int(params[model_id]), counts), label=model_id
+        )
+    title = f"Estimate against the number of directions (landscape {landscape})"
+    axis.set(xscale="log", xlabel="directions K", ylabel="log-volume estimate (nats)",
+             title=title)  # fmt: skip
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def radius_distributions(radii: pd.DataFrame, threshold: float, landscape: int):
+    """Histograms of the radii of each minimum in one landscape."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    chosen = radii[(radii.threshold == threshold) & (radii.landscape_size == landscape)]
+    for model_id, group in chosen.groupby("model_id"):
+        axis.hist(group.radius.dropna(), bins=30, histtype="step", label=model_id)
+    axis.set(
+        xlabel="radius", ylabel="directions", title=f"Radii (landscape {landscape}, T={threshold})"
+    )
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,135 @@
+"""`volume-ray report DIR`: the figures and a Markdown summary, written into the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from volume_ray.analysis import figures
+from volume_ray.analysis.cutoffs import cutoff_size, per_sample_losses
+from volume_ray.analysis.ranks import (
+    adjacent_inversions,
+    own_minimum_is_largest,
+    volume_accuracy_spearman,
+)
+from volume_ray.analysis.trends import scaling_table
+from volume_ray.experiment import experiment_data, new_model
+from volume_ray.models import loss_for_task
+from volume_ray.results import load_table
+from volume_ray.spec import load_spec
+from volume_ray.store import SweepStore
+from volume_ray.train import load_checkpoint
+
+__all__ = ["cutoffs", "write_report"]
+
+
+def cutoffs(spec, store: SweepStore, models: pd.DataFrame) -> pd.DataFrame:
+    """Per model and threshold: the landscape size where its loss first passes T."""
+    data = experiment_data(spec)
+    if not data.landscapes_use_extras:
+        return pd.DataFrame(columns=["model_id", "train_size", "threshold", "cutoff"])
+    x, y = data.training_set(len(data.pool_x))  # the landscape order: base, then the pool
+    loss_fn = loss_for_task(data.source.task)
+    rows = []
+    for model in models.itertuples():
+        network = load_checkpoint(
+            new_model(spec, data, int(model.seed)), store.root / model.checkpoint
+        )
+        losses = per_sample_losses(network, x, y, loss_fn)
+        for threshold in spec.volume.thresholds:
+            cut = (
+                cutoff_size(losses, threshold, data.base_size)
+                if spec.volume.metric == "loss"
+                else None
+            )
+            rows.append({"model_id": model.model_id, "train_size": model.train_size,
+                         "threshold": threshold, "cutoff": cut})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def write_report(sweep_dir: str | Path) -> Path:
+    """Write `report/` (PNG figures and summary.md) into the sweep folder; return it."""
+    root = Path(sweep_dir)
+    store = SweepStore(root.parent, root.name)
+    spec = load_spec(store.recorded_spec())
+    models, volumes, radii = (load_table(root, t) for t in ("models", "volumes", "radii"))
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    base = int(volumes.landscape_size.min())
+    cut = cutoffs(spec, store, models)
+    drawn = []
+    for threshold in spec.volume.thresholds:
+        tag = f"T{threshold:g}"
+        plots = {
+            "volume_vs_train_size": figures.volume_against_train_size(volumes, models, threshold),
+            "volume_vs_landscape": figures.volume_against_landscape(
+                volumes, models, threshold, cut
+            ),
+            "volume_vs_test_accuracy": figures.volume_against_test_accuracy(
+                volumes, models, threshold, base
+            ),
+            "estimate_vs_directions": figures.estimate_against_directions(
+                radii, models, threshold, base
+            ),
+            "radii": figures.radius_distributions(radii, threshold, base),
+        }
+        for name, figure in plots.items():
+            figure.savefig(out / f"{name}_{tag}.png", dpi=110)
+            plt.close(figure)
+            drawn.append(f"{name}_{tag}.png")
+    (out / "summary.md").write_text(_summary(spec, models, volumes, radii, cut, drawn))
+    return out
+
+
+def _summary(spec, models, volumes, radii, cut, drawn) -> str:
+    paper = volumes[volumes.estimator == "paper"]
+    merged = paper.merge(models[["model_id", "train_size", "test_loss", "test_acc"]], on="model_id")
+    ranks = [
+        {
+            "landscape_size": landscape,
+            "threshold": threshold,
+            "minima": len(group),
+            "adjacent_inversions": adjacent_inversions(group.log_volume, group.test_loss),
+            "spearman_volume_test_acc": volume_accuracy_spearman(group.log_volume, group.test_acc),
+        }
+        for (landscape, threshold), group in merged.groupby(["landscape_size", "threshold"])
+        if len(group) >= 2
+    ]
+    accuracy = models.groupby("train_size")[["test_loss", "test_acc"]].mean().reset_index()
+    sections = [
+        ("Models (mean over seeds)", _table(accuracy)),
+        ("Power law of volume against training-set size, per landscape",
+         _table(scaling_table(volumes, models, against="train_size"))),
+        ("Power law of volume against landscape size, per minimum",
+         _table(scaling_table(volumes, models, against="landscape_size"))),
+        ("Per-dimension exponents (log-volume / n) against training-set size",
+         _table(scaling_table(volumes, models, against="train_size", per_dimension=True))),
+        ("Do volume ranks follow generalisation?", _table(pd.DataFrame(ranks))),
+        ("Is a landscape's own minimum the largest there?",
+         _table(own_minimum_is_largest(volumes, models))),
+        ("Cutoffs: landscape size where each minimum's loss first passes T", _table(cut)),
+        ("Censoring", f"{int(radii.censored.sum())} of {len(radii)} radii censored "
+                      f"({radii.censored.mean():.2%})."),
+        ("Figures", "\n".join(f"![{name}]({name})" for name in drawn)),
+    ]  # fmt: skip
+    header = (
+        f"# {spec.name}\n\n{len(models)} models; {len(paper)} (model, landscape, threshold) "
+        f"estimates from {spec.volume.directions} directions each.\n"
+    )
+    return header + "".join(f"\n## {title}\n\n{body}\n" for title, body in sections)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    """A Markdown table (numbers to 4 significant digits)."""
+    if frame.empty:
+        return "(nothing to show)"
+
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
