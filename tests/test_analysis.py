@@ -77,3 +77,22 @@ def test_cutoff_on_a_hand_made_loss_sequence():
     assert cutoff_size(losses, 0.5, base_size=2) is None
     with pytest.raises(ValueError, match="base_size"):
         cutoff_size(losses, 0.1, base_size=0)
+
+
+def test_loss_plane_passes_through_the_three_minima():
+    import torch
+    import torch.nn.functional as F
+
+    from volume_ray.analysis.slices import loss_plane
+    from volume_ray.models import build_model
+
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    minima = [build_model("mlp", (5,), 3, hidden=[4], seed=s) for s in range(3)]
+    a, b, losses = loss_plane(minima, x, y, F.cross_entropy, resolution=5, span=(0.0, 1.0))
+    with torch.no_grad():
+        own = [F.cross_entropy(m(x), y).item() for m in minima]
+    assert losses[0, 0] == pytest.approx(own[0], rel=1e-5)
+    assert losses[-1, 0] == pytest.approx(own[1], rel=1e-5)  # a = 1: the second minimum
+    assert losses[0, -1] == pytest.approx(own[2], rel=1e-5)
+    with pytest.raises(ValueError, match="three minima"):
+        loss_plane(minima[:2], x, y, F.cross_entropy)

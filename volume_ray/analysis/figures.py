@@ -12,6 +12,7 @@ import pandas as pd  # noqa: E402
 from volume_ray.estimators import log_volume_by_count  # noqa: E402
 
 __all__ = [
+    "loss_slice",
     "volume_against_landscape",
     "volume_against_test_accuracy",
     "volume_against_train_size",
@@ -120,5 +121,26 @@ def radius_distributions(radii: pd.DataFrame, threshold: float, landscape: int):
         xlabel="radius", ylabel="directions", title=f"Radii (landscape {landscape}, T={threshold})"
     )
     axis.legend(fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def loss_slice(a: np.ndarray, b: np.ndarray, losses: np.ndarray, labels: list[str]):
+    """Contour and surface views of a loss plane through three minima (Fig. 1)."""
+    figure = plt.figure(figsize=(11, 4.5))
+    contour_axis = figure.add_subplot(1, 2, 1)
+    grid_a, grid_b = np.meshgrid(a, b, indexing="ij")
+    log_loss = np.log10(np.clip(losses, 1e-12, None))
+    filled = contour_axis.contourf(grid_a, grid_b, log_loss, levels=30, cmap="viridis")
+    figure.colorbar(filled, ax=contour_axis, label="log10 loss")
+    for (pa, pb), label in zip([(0, 0), (1, 0), (0, 1)], labels):
+        contour_axis.plot(pa, pb, "r*", markersize=12)
+        contour_axis.annotate(label, (pa, pb), textcoords="offset points", xytext=(5, 5),
+                              fontsize=7, color="w")  # fmt: skip
+    contour_axis.set(xlabel="a: towards minimum 2", ylabel="b: towards minimum 3",
+                     title="Loss through three minima (contour)")  # fmt: skip
+    surface_axis = figure.add_subplot(1, 2, 2, projection="3d")
+    surface_axis.plot_surface(grid_a, grid_b, log_loss, cmap="viridis", linewidth=0)
+    surface_axis.set(xlabel="a", ylabel="b", zlabel="log10 loss", title="(surface)")
     figure.tight_layout()
     return figure

@@ -14,6 +14,7 @@ from volume_ray.analysis.ranks import (
     own_minimum_is_largest,
     volume_accuracy_spearman,
 )
+from volume_ray.analysis.slices import loss_plane
 from volume_ray.analysis.trends import scaling_table
 from volume_ray.experiment import experiment_data, new_model
 from volume_ray.models import loss_for_task
@@ -79,8 +80,30 @@ def write_report(sweep_dir: str | Path) -> Path:
             figure.savefig(out / f"{name}_{tag}.png", dpi=110)
             plt.close(figure)
             drawn.append(f"{name}_{tag}.png")
+    figure = _slice_through_three_minima(spec, store, models)
+    if figure is not None:
+        figure.savefig(out / "loss_slice.png", dpi=110)
+        plt.close(figure)
+        drawn.append("loss_slice.png")
     (out / "summary.md").write_text(_summary(spec, models, volumes, radii, cut, drawn))
     return out
+
+
+def _slice_through_three_minima(spec, store: SweepStore, models: pd.DataFrame):
+    """Fig. 1: the smallest, a middle and the largest training set's minima (first
+    seed), in the base landscape; None with fewer than three minima."""
+    seed = models.seed.min()
+    chosen = models[models.seed == seed].sort_values("train_size")
+    if len(chosen) < 3:
+        return None
+    chosen = chosen.iloc[[0, len(chosen) // 2, len(chosen) - 1]]
+    data = experiment_data(spec)
+    minima = [
+        load_checkpoint(new_model(spec, data, int(row.seed)), store.root / row.checkpoint)
+        for row in chosen.itertuples()
+    ]
+    a, b, losses = loss_plane(minima, data.base_x, data.base_y, loss_for_task(data.source.task))
+    return figures.loss_slice(a, b, losses, [f"n={size}" for size in chosen.train_size])
 
 
 def _summary(spec, models, volumes, radii, cut, drawn) -> str:
