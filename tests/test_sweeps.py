@@ -99,3 +99,19 @@ def test_report_writes_figures_whose_axes_carry_data(smoke_runs):
             data += [len(c.get_offsets()) for c in axis.collections] + [len(axis.patches)]
             assert sum(data) > 0
         plt.close(figure)
+
+
+def test_queries_through_a_filesystem_uri_filters_and_joins(smoke_runs):
+    from volume_ray.results import joined_volumes, load_sweeps
+
+    root = smoke_runs["digits_data_scaling"].root
+    local = load_table(root, "volumes", landscape_size=100, estimator="paper")
+    remote = load_table(f"file://{root}", "volumes", landscape_size=100, estimator="paper")
+    pd.testing.assert_frame_equal(local, remote)
+    assert set(local.landscape_size) == {100} and set(local.estimator) == {"paper"}
+    everything = load_sweeps(root.parent, "models")
+    assert set(everything.sweep) == {f"{name.replace('_', '-')}-smoke" for name in EMBEDDED}
+    joined = joined_volumes(root, threshold=0.1)
+    assert {"train_size", "test_acc", "seed"} <= set(joined.columns) and len(joined) == 6
+    with pytest.raises(ValueError, match="no column 'temperature'"):
+        load_table(root, "volumes", temperature=1)

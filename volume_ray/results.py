@@ -1,33 +1,52 @@
-"""Reading a sweep's store into pandas: the tables of DESIGN section 5."""
+"""Reading result stores into pandas: the tables of DESIGN section 5.
+
+A sweep folder may be a local path or any pyarrow filesystem URI (`file:///...`,
+`s3://bucket/sweeps/name`, `gs://...`); the Parquet files are read through pyarrow
+datasets, so a filter on a large radii table never loads more than it needs.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.dataset as ds
+from pyarrow import fs
 
-__all__ = ["TABLES", "load_table"]
+__all__ = ["TABLES", "joined_volumes", "load_sweeps", "load_table"]
 
 TABLES = ("models", "radii", "volumes")
 
 
-def load_table(sweep: str | os.PathLike, table: str, *, where: str | None = None) -> pd.DataFrame:
-    """`models`, `radii` or `volumes` of the sweep folder `sweep`, optionally filtered
-    by a pandas query such as "threshold == 0.1 and estimator == 'paper'"."""
+def _locate(location: str | os.PathLike) -> tuple[fs.FileSystem, str]:
+    text = str(location)
+    if "://" in text:
+        return fs.FileSystem.from_uri(text)
+    return fs.LocalFileSystem(), os.path.abspath(text)
+
+
+def load_table(
+    sweep: str | os.PathLike, table: str, *, where: str | None = None, **equal: object
+) -> pd.DataFrame:
+    """`models`, `radii` or `volumes` of one sweep folder. `equal` keeps rows whose
+    columns equal the given values (landscape_size=100, threshold=0.1, ...); `where`
+    is a pandas query for anything else ("log_volume > 0 and estimator == 'paper'")."""
     if table not in TABLES:
         raise ValueError(f"table must be one of {TABLES}, got {table!r}")
-    path = Path(sweep) / (table if table == "radii" else f"{table}.parquet")
-    if not path.exists():
-        raise ValueError(f"{path} does not exist: run the sweep (volume-ray run SPEC) first")
-    if table == "radii":
-        files = sorted(str(p) for p in path.glob("*.parquet"))
-        frame = (
-            ds.dataset(files, format="parquet").to_table().to_pandas() if files else pd.DataFrame()
-        )
-    else:
-        frame = pd.read_parquet(path)
+    filesystem, root = _locate(sweep)
+    path = f"{root}/{table}" if table == "radii" else f"{root}/{table}.parquet"
+    info = filesystem.get_file_info(path)
+    if info.type == fs.FileType.NotFound:
+        raise ValueError(f"{sweep}: no {table} table at {path}; run the sweep first")
+    dataset = ds.dataset(path, filesystem=filesystem, format="parquet")
+    unknown = [c for c in equal if c not in dataset.schema.names]
+    if unknown:
+        raise ValueError(f"{table} has no column {unknown[0]!r}; columns: {dataset.schema.names}")
+    condition = None
+    for column, value in equal.items():
+        term = ds.field(column) == value
+        condition = term if condition is None else condition & term
+    frame = dataset.to_table(filter=condition).to_pandas()
     if where:
         try:
             frame = frame.query(where)
@@ -36,3 +55,27 @@ def load_table(sweep: str | os.PathLike, table: str, *, where: str | None = None
                 f"--where {where!r} is not a valid query on {table}: {error}"
             ) from None
     return frame.reset_index(drop=True)
+
+
+def load_sweeps(storage: str | os.PathLike, table: str, **equal: object) -> pd.DataFrame:
+    """One table of every sweep under a storage root, with a `sweep` column."""
+    filesystem, root = _locate(storage)
+    selector = fs.FileSelector(root, recursive=False)
+    frames = []
+    for entry in sorted(filesystem.get_file_info(selector), key=lambda e: e.path):
+        spec = filesystem.get_file_info(f"{entry.path}/spec.yaml")
+        if entry.type == fs.FileType.Directory and spec.type == fs.FileType.File:
+            location = (
+                entry.path
+                if "://" not in str(storage)
+                else f"{str(storage).rstrip('/')}/{entry.base_name}"
+            )
+            frame = load_table(location, table, **equal)
+            frames.append(frame.assign(sweep=entry.base_name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def joined_volumes(sweep: str | os.PathLike, **equal: object) -> pd.DataFrame:
+    """Volumes joined with their models' facts (train size, seed, test metrics...)."""
+    models = load_table(sweep, "models").drop(columns=["n_params"])
+    return load_table(sweep, "volumes", **equal).merge(models, on="model_id", how="left")

@@ -25,10 +25,13 @@ def adjacent_inversions(log_volumes: np.ndarray, test_losses: np.ndarray) -> int
 
 
 def volume_accuracy_spearman(log_volumes: np.ndarray, test_accuracies: np.ndarray) -> float:
-    """Spearman rank correlation of log-volume with test accuracy (NaN when either is
-    constant, as with one minimum per landscape)."""
-    volumes, accuracies = np.asarray(log_volumes), np.asarray(test_accuracies)
-    if np.ptp(volumes) == 0 or np.ptp(accuracies) == 0:
+    """Spearman rank correlation of log-volume with test accuracy over the finite
+    pairs (NaN when either is constant, as with one minimum per landscape)."""
+    volumes = np.asarray(log_volumes, dtype=np.float64)
+    accuracies = np.asarray(test_accuracies, dtype=np.float64)
+    finite = np.isfinite(volumes) & np.isfinite(accuracies)
+    volumes, accuracies = volumes[finite], accuracies[finite]
+    if len(volumes) < 2 or np.ptp(volumes) == 0 or np.ptp(accuracies) == 0:
         return float("nan")
     return float(spearmanr(volumes, accuracies).statistic)
 
