@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+import torch
 import yaml
 
 from volume_ray.cli import main
@@ -231,3 +232,28 @@ def test_status_and_query_read_the_store(trained, capsys):
     assert lines[0].startswith("model_id,landscape_size") and len(lines) == 1 + 3
     assert main(["query", str(trained.root), "--table", "radii", "--where", "nope >"]) == 2
     assert "--where" in capsys.readouterr().err
+
+
+def test_checkpoint_epochs_become_models_measured_in_one_landscape(local_ray, tmp_path):
+    spec = load_spec(
+        {**TINY, "name": "grok", "dataset": {**TINY["dataset"], "extra_sizes": [0]},
+         "train": {**TINY["train"], "epochs": 12, "checkpoint_epochs": [4, 8]},
+         "volume": {**TINY["volume"], "directions": 6}}
+    )  # fmt: skip
+    store = run_sweep(spec, str(tmp_path), progress=False)
+    models = pd.read_parquet(store.models_path).set_index("model_id")
+    final = "n60-bfull-adamw-s0"
+    assert sorted(models.index) == [final, f"{final}-e4", f"{final}-e8"]
+    assert models.loc[f"{final}-e4", "epochs"] == 4 and models.loc[final, "epochs"] == 12
+    radii = store.read_radii()
+    assert set(radii.model_id) == set(models.index) and set(radii.landscape_size) == {60}
+    # the kept weights differ from each other and from the final ones
+    weights = [torch.load(store.checkpoint_path(m), weights_only=True)["layers.0.weight"]
+               for m in models.index]  # fmt: skip
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+
+
+def test_checkpoint_epochs_must_fall_inside_training():
+    bad = {**TINY, "train": {**TINY["train"], "epochs": 10, "checkpoint_epochs": [5, 10]}}
+    with pytest.raises(ValueError, match="train.checkpoint_epochs"):
+        load_spec(bad)

@@ -51,13 +51,16 @@ def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int
     models = store.finished_models()
     if models.empty:
         return [], 0
-    trained = {t.model_id: t for t in plan_trials(spec) if t.model_id in set(models.model_id)}
     checkpoints = dict(zip(models.model_id, models.checkpoint))
+    trials = plan_trials(spec)
+    trial_of = {m: t for t in trials for m in t.model_ids(spec.train.checkpoint_epochs)}
     uses_extras = landscapes_use_extras(spec.dataset.extra_kind)
     rows_per_direction = len(spec.volume.thresholds)
     shards, total = [], 0
-    for pair in plan_pairs(spec, list(trained.values()), uses_extras):
-        trial = trained[pair.model_id]
+    for pair in plan_pairs(spec, trials, uses_extras):
+        if pair.model_id not in checkpoints:  # not trained yet
+            continue
+        trial = trial_of[pair.model_id]
         for start in range(0, spec.volume.directions, spec.volume.shard_size):
             count = min(spec.volume.shard_size, spec.volume.directions - start)
             total += 1

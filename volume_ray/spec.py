@@ -28,6 +28,7 @@ __all__ = [
     "SpecError",
     "SweepSpec",
     "Trial",
+    "checkpoint_id",
     "load_spec",
     "plan_pairs",
     "plan_trials",
@@ -86,6 +87,20 @@ class TrainSpec(_Strict):
     target_loss: Annotated[float, Field(gt=0)] | None = None
     batch_sizes: list[PositiveInt | Literal["full"]] = Field(default=["full"], min_length=1)
     seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
+    # Each trial also keeps its weights at these epochs, as models of their own
+    # (`<model id>-e<epoch>`), measured like the final one: grokking sweeps.
+    checkpoint_epochs: list[PositiveInt] = Field(default_factory=list)
+
+    @field_validator("checkpoint_epochs")
+    @classmethod
+    def _within_training(cls, epochs: list[int], info) -> list[int]:
+        last = info.data.get("epochs", 0)
+        if epochs != sorted(set(epochs)) or (epochs and epochs[-1] >= last):
+            raise ValueError(
+                f"must be strictly increasing and below train.epochs ({last}); the last "
+                "epoch is the final model already"
+            )
+        return epochs
 
 
 class VolumeSpec(_Strict):
@@ -197,6 +212,15 @@ class Trial:
     def optimizer_label(self) -> str:
         return f"{self.optimizer}+sam{self.sam_rho:g}" if self.sam_rho > 0 else self.optimizer
 
+    def model_ids(self, checkpoint_epochs: list[int]) -> list[str]:
+        """The final model's id, then one per kept epoch."""
+        return [self.model_id, *(checkpoint_id(self.model_id, e) for e in checkpoint_epochs)]
+
+
+def checkpoint_id(model_id: str, epoch: int) -> str:
+    """The id of a trial's weights kept at `epoch`."""
+    return f"{model_id}-e{epoch}"
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -232,6 +256,7 @@ def plan_pairs(spec: SweepSpec, trials: list[Trial], landscapes_use_extras: bool
     pairs = []
     for trial in trials:
         sizes = [e for e in spec.dataset.extra_sizes if e <= trial.extra]
-        for extra in sizes if landscapes_use_extras else [0]:
-            pairs.append(Pair(trial.model_id, extra, base + extra))
+        for model_id in trial.model_ids(spec.train.checkpoint_epochs):
+            for extra in sizes if landscapes_use_extras else [0]:
+                pairs.append(Pair(model_id, extra, base + extra))
     return pairs

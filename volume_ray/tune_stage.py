@@ -8,6 +8,7 @@ each finished model into the store at once, so a rerun skips it.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import asdict
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from volume_ray.experiment import experiment_data, new_model, set_torch_threads
 from volume_ray.models import count_parameters, loss_for_task
-from volume_ray.spec import SweepSpec, Trial, plan_trials
+from volume_ray.spec import SweepSpec, Trial, checkpoint_id, plan_trials
 from volume_ray.store import SweepStore
 from volume_ray.train import TrainConfig, evaluate, save_checkpoint, train
 
@@ -47,16 +48,20 @@ def train_trial(config: dict) -> None:
         sam_rho=trial.sam_rho, sam_adaptive=t.sam_adaptive, epochs=t.epochs,
         batch_size=trial.batch_size, target_loss=t.target_loss, seed=trial.seed,
     )  # fmt: skip
-    resume = None
+    resume, kept = None, {}  # kept: epoch -> (weights, metrics) for checkpoint_epochs
     if (saved := tune.get_checkpoint()) is not None:
         with saved.as_directory() as folder:
             resume = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+        kept = resume.pop("kept")
     pending_state: list[dict] = []
 
-    def report(metrics: dict, _model) -> None:
+    def report(metrics: dict, network) -> None:
+        if metrics["epoch"] in t.checkpoint_epochs:
+            weights = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+            kept[metrics["epoch"]] = (weights, metrics)
         if pending_state:  # a resumable state was just taken: ship it with this report
             with tempfile.TemporaryDirectory() as folder:
-                torch.save(pending_state.pop(), Path(folder) / "state.pt")
+                torch.save({**pending_state.pop(), "kept": kept}, Path(folder) / "state.pt")
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         else:
             tune.report(metrics)
@@ -78,6 +83,9 @@ def train_trial(config: dict) -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(model, Path(folder) / "model.pt")
+        for epoch, (weights, metrics) in kept.items():
+            torch.save(weights, Path(folder) / f"epoch_{epoch}.pt")
+            (Path(folder) / f"epoch_{epoch}.json").write_text(json.dumps(metrics))
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -94,25 +102,34 @@ class _StoreFinishedModels(tune.Callback):
         done = Trial(**trial.config["trial"])
         result = trial.last_result
         with trial.checkpoint.as_directory() as folder:
+            for kept in sorted(Path(folder).glob("epoch_*.json")):  # checkpoints first:
+                epoch = int(kept.stem.removeprefix("epoch_"))  # the final row marks done
+                model_id = checkpoint_id(done.model_id, epoch)
+                self.store.write_checkpoint(model_id, kept.with_suffix(".pt"))
+                metrics = {**json.loads(kept.read_text()), "n_params": result["n_params"]}
+                self._write_row(done, model_id, metrics)
             self.store.write_checkpoint(done.model_id, Path(folder) / "model.pt")
+        self._write_row(done, done.model_id, result)
+        self.bar.update(1)
+
+    def _write_row(self, done: Trial, model_id: str, metrics: dict) -> None:
         self.store.write_model_row(
             {
-                "model_id": done.model_id,
+                "model_id": model_id,
                 "dataset": self.spec.dataset.name,
                 "train_size": done.train_size,
                 "batch_size": done.batch_size or done.train_size,
                 "optimizer": done.optimizer_label,
                 "seed": done.seed,
-                "epochs": int(result["epoch"]),
-                "train_loss": float(result["train_loss"]),
-                "train_acc": float(result["train_acc"]),
-                "test_loss": float(result["test_loss"]),
-                "test_acc": float(result["test_acc"]),
-                "n_params": int(result["n_params"]),
-                "checkpoint": f"checkpoints/{done.model_id}.pt",
+                "epochs": int(metrics["epoch"]),
+                "train_loss": float(metrics["train_loss"]),
+                "train_acc": float(metrics["train_acc"]),
+                "test_loss": float(metrics["test_loss"]),
+                "test_acc": float(metrics["test_acc"]),
+                "n_params": int(metrics["n_params"]),
+                "checkpoint": f"checkpoints/{model_id}.pt",
             }
         )
-        self.bar.update(1)
 
 
 def train_stage(
