@@ -67,6 +67,7 @@ def test_ranking_stability_grows_with_directions():
     table = ranking_stability(radii, {"a": 5, "b": 5}, [2, 50, 200], subsets=100)
     fractions = table.stable_fraction.to_numpy()
     assert fractions[-1] == 1.0 and fractions[0] < fractions[1] <= 1.0
+    assert table.rank_correlation.iloc[-1] == pytest.approx(1.0)
 
 
 def test_cutoff_on_a_hand_made_loss_sequence():

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from volume_ray.estimators import log_volume_by_count  # noqa: E402
+from volume_ray.estimators import bootstrap_log_volume, log_volume_by_count  # noqa: E402
 
 __all__ = [
     "loss_slice",
@@ -109,6 +109,14 @@ def estimate_against_directions(
     axis.legend(fontsize=6)
     figure.tight_layout()
     return figure
+
+
+def _interval(radii: np.ndarray, n_params: int) -> tuple[float, float]:
+    finite = radii[np.isfinite(radii)]
+    if len(finite) < 2:
+        return (np.nan, np.nan)
+    result = bootstrap_log_volume(finite, n_params, num_resamples=200)
+    return result.ci_low, result.ci_high
 
 
 def radius_distributions(radii: pd.DataFrame, threshold: float, landscape: int):

@@ -57,7 +57,8 @@ def ranking_stability(
 ) -> pd.DataFrame:  # fmt: skip
     """For each K in `counts`: over random K-subsets of directions (the same subset for
     every model: common random numbers), how often the ranking of the minima equals
-    the ranking from all directions."""
+    the ranking from all directions (`stable_fraction`), and the mean Spearman
+    correlation of the two rankings (`rank_correlation`)."""
     names = sorted(radii_by_model)
     full = [log_volume(radii_by_model[m], n_params[m]) for m in names]
     reference = np.argsort(full)
@@ -67,7 +68,7 @@ def ranking_stability(
     for k in counts:
         if not 1 <= k <= directions:
             raise ValueError(f"counts must lie in [1, {directions}], got {k}")
-        same = 0
+        same, correlation = 0, 0.0
         for _ in range(subsets):
             pick = generator.choice(directions, size=k, replace=False)
             estimates = []
@@ -76,5 +77,7 @@ def ranking_stability(
                 finite = chosen[np.isfinite(chosen)]
                 estimates.append(log_volume(finite, n_params[m]) if len(finite) else -np.inf)
             same += bool(np.array_equal(np.argsort(estimates), reference))
-        rows.append({"directions": k, "stable_fraction": same / subsets})
+            correlation += spearmanr(estimates, full).statistic
+        rows.append({"directions": k, "stable_fraction": same / subsets,
+                     "rank_correlation": correlation / subsets})  # fmt: skip
     return pd.DataFrame(rows)

@@ -12,6 +12,7 @@ from volume_ray.analysis.cutoffs import cutoff_size, per_sample_losses
 from volume_ray.analysis.ranks import (
     adjacent_inversions,
     own_minimum_is_largest,
+    ranking_stability,
     volume_accuracy_spearman,
 )
 from volume_ray.analysis.slices import loss_plane
@@ -132,6 +133,8 @@ def _summary(spec, models, volumes, radii, cut, drawn) -> str:
         ("Do volume ranks follow generalisation?", _table(pd.DataFrame(ranks))),
         ("Is a landscape's own minimum the largest there?",
          _table(own_minimum_is_largest(volumes, models))),
+        ("Ranking stability: how often K random directions rank the base landscape's "
+         "minima as all directions do", _table(_stability(spec, volumes, radii, models))),
         ("Cutoffs: landscape size where each minimum's loss first passes T", _table(cut)),
         ("Censoring", f"{int(radii.censored.sum())} of {len(radii)} radii censored "
                       f"({radii.censored.mean():.2%})."),
@@ -142,6 +145,21 @@ def _summary(spec, models, volumes, radii, cut, drawn) -> str:
         f"estimates from {spec.volume.directions} directions each.\n"
     )
     return header + "".join(f"\n## {title}\n\n{body}\n" for title, body in sections)
+
+
+def _stability(spec, volumes, radii, models) -> pd.DataFrame:
+    """Ranking stability in the base landscape at the first threshold."""
+    base, threshold = volumes.landscape_size.min(), spec.volume.thresholds[0]
+    chosen = radii[(radii.landscape_size == base) & (radii.threshold == threshold)]
+    by_model = {
+        m: g.sort_values("direction").radius.to_numpy() for m, g in chosen.groupby("model_id")
+    }
+    if len(by_model) < 2:
+        return pd.DataFrame()
+    directions = min(len(r) for r in by_model.values())
+    counts = sorted({k for k in (5, 10, 25, 50, 100, 250, 500, directions) if k <= directions})
+    params = dict(zip(models.model_id, models.n_params))
+    return ranking_stability(by_model, {m: int(params[m]) for m in by_model}, counts, subsets=100)
 
 
 def _table(frame: pd.DataFrame) -> str:
