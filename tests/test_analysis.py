@@ -97,3 +97,11 @@ def test_loss_plane_passes_through_the_three_minima():
     assert losses[0, -1] == pytest.approx(own[2], rel=1e-5)
     with pytest.raises(ValueError, match="three minima"):
         loss_plane(minima[:2], x, y, F.cross_entropy)
+
+
+def test_scaling_table_skips_groups_without_two_finite_sizes():
+    models = pd.DataFrame({"model_id": ["a", "b"], "train_size": [100, 200]})
+    volumes = pd.DataFrame({"model_id": ["a", "b"], "landscape_size": [100, 100], "metric": "loss",
+                            "threshold": 0.1, "estimator": "paper", "log_volume": [-np.inf, 3.0],
+                            "n_params": 4})  # fmt: skip
+    assert scaling_table(volumes, models).empty

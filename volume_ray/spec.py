@@ -141,12 +141,12 @@ class SweepSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
 
-SMOKE_EPOCHS, SMOKE_DIRECTIONS = 30, 8
+SMOKE_EPOCHS, SMOKE_DIRECTIONS = 200, 8
 
 
 def smoke_variant(spec: SweepSpec) -> SweepSpec:
     """The documented small form of any sweep (CLI `--smoke`): the two smallest extra
-    sizes, the first batch size, optimizer, SAM rho and seed, at most 30 epochs and 8
+    sizes, the first batch size, optimizer, SAM rho and seed, at most 200 epochs and 8
     directions, under the name `<name>-smoke`."""
     d, t, v = spec.dataset, spec.train, spec.volume
     return spec.model_copy(

@@ -27,13 +27,17 @@ def adjacent_inversions(log_volumes: np.ndarray, test_losses: np.ndarray) -> int
 def volume_accuracy_spearman(log_volumes: np.ndarray, test_accuracies: np.ndarray) -> float:
     """Spearman rank correlation of log-volume with test accuracy over the finite
     pairs (NaN when either is constant, as with one minimum per landscape)."""
-    volumes = np.asarray(log_volumes, dtype=np.float64)
-    accuracies = np.asarray(test_accuracies, dtype=np.float64)
-    finite = np.isfinite(volumes) & np.isfinite(accuracies)
-    volumes, accuracies = volumes[finite], accuracies[finite]
-    if len(volumes) < 2 or np.ptp(volumes) == 0 or np.ptp(accuracies) == 0:
+    return _spearman(log_volumes, test_accuracies)
+
+
+def _spearman(a, b) -> float:
+    """Spearman correlation over the finite pairs; NaN when either side is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    a, b = a[finite], b[finite]
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(spearmanr(volumes, accuracies).statistic)
+    return float(spearmanr(a, b).statistic)
 
 
 def own_minimum_is_largest(volumes: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
@@ -77,7 +81,7 @@ def ranking_stability(
                 finite = chosen[np.isfinite(chosen)]
                 estimates.append(log_volume(finite, n_params[m]) if len(finite) else -np.inf)
             same += bool(np.array_equal(np.argsort(estimates), reference))
-            correlation += spearmanr(estimates, full).statistic
+            correlation += _spearman(estimates, full)
         rows.append({"directions": k, "stable_fraction": same / subsets,
                      "rank_correlation": correlation / subsets})  # fmt: skip
     return pd.DataFrame(rows)

@@ -65,7 +65,8 @@ def scaling_table(
     rows = []
     keys = [fixed, "metric", "threshold", "estimator"]
     for key, group in table.groupby(keys, sort=True):
-        if group[against].nunique() < 2 or not np.isfinite(group.log_volume).any():
+        group = group[np.isfinite(group.log_volume)]
+        if group[against].nunique() < 2:  # nothing to fit a slope through
             continue
         fit = fit_power_law(group[against], group.log_volume, seed=seed)
         rows.append({**dict(zip(keys, key)), "exponent": fit.exponent, "ci_low": fit.ci_low,
