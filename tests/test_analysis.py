@@ -24,7 +24,8 @@ def test_power_law_fit_recovers_a_known_exponent():
 
 
 def test_scaling_table_fits_per_landscape_and_per_minimum():
-    models = pd.DataFrame({"model_id": ["a", "b", "c"], "train_size": [100, 200, 400]})
+    models = pd.DataFrame({"model_id": ["a", "b", "c"], "train_size": [100, 200, 400],
+                           "optimizer": "adamw", "batch_size": [100, 200, 400]})  # fmt: skip
     rows = []
     for model, size in zip(models.model_id, models.train_size):
         for landscape in (100, 200, 400):
@@ -53,7 +54,8 @@ def test_adjacent_inversions_and_spearman_on_hand_made_tables():
 
 
 def test_own_minimum_is_largest():
-    models = pd.DataFrame({"model_id": ["s", "l"], "train_size": [100, 300]})
+    models = pd.DataFrame({"model_id": ["s", "l"], "train_size": [100, 300],
+                           "optimizer": "adamw", "batch_size": [100, 300]})  # fmt: skip
     volumes = pd.DataFrame({"model_id": ["s", "l", "l"], "landscape_size": [100, 100, 300],
                             "metric": "loss", "threshold": 0.1, "estimator": "paper",
                             "log_volume": [10.0, 8.0, 7.0]})  # fmt: skip
@@ -100,8 +102,26 @@ def test_loss_plane_passes_through_the_three_minima():
 
 
 def test_scaling_table_skips_groups_without_two_finite_sizes():
-    models = pd.DataFrame({"model_id": ["a", "b"], "train_size": [100, 200]})
+    models = pd.DataFrame({"model_id": ["a", "b"], "train_size": [100, 200],
+                           "optimizer": "adamw", "batch_size": [100, 200]})  # fmt: skip
     volumes = pd.DataFrame({"model_id": ["a", "b"], "landscape_size": [100, 100], "metric": "loss",
                             "threshold": 0.1, "estimator": "paper", "log_volume": [-np.inf, 3.0],
                             "n_params": 4})  # fmt: skip
     assert scaling_table(volumes, models).empty
+
+
+def test_variants_keep_optimizers_batch_sizes_and_kept_epochs_apart():
+    from volume_ray.analysis.trends import with_variant
+
+    models = pd.DataFrame({
+        "model_id": ["n1-bfull-adamw-s0", "n1-bfull-adamw+sam0.05-s0", "n1-b100-adamw-s0",
+                     "n1-bfull-adamw-s0-e200"],
+        "optimizer": ["adamw", "adamw+sam0.05", "adamw", "adamw"],
+        "batch_size": [1000, 1000, 100, 1000], "train_size": 1000,
+    })  # fmt: skip
+    assert list(with_variant(models).variant) == [
+        "adamw bfull",
+        "adamw+sam0.05 bfull",
+        "adamw b100",
+        "adamw bfull@e200",
+    ]

@@ -19,7 +19,7 @@ import yaml
 
 from volume_ray.cli import main
 from volume_ray.driver import aggregate_stage, measure_stage, pending_shards, run_sweep
-from volume_ray.spec import load_spec
+from volume_ray.spec import load_spec, smoke_variant
 from volume_ray.store import SweepStore
 from volume_ray.tune_stage import train_trial
 
@@ -257,3 +257,19 @@ def test_checkpoint_epochs_must_fall_inside_training():
     bad = {**TINY, "train": {**TINY["train"], "epochs": 10, "checkpoint_epochs": [5, 10]}}
     with pytest.raises(ValueError, match="train.checkpoint_epochs"):
         load_spec(bad)
+
+
+def test_spec_rules_that_keep_model_ids_unique_and_stores_resumable(tmp_path):
+    with pytest.raises(ValueError, match="train.seeds"):
+        load_spec({**TINY, "train": {**TINY["train"], "seeds": [0, 0]}})
+    grok = load_spec(Path(__file__).parents[1] / "sweeps" / "modular_grokking.yaml")
+    small = smoke_variant(grok)  # the kept epochs beyond the short run are dropped
+    assert small.train.checkpoint_epochs == [] and small.train.epochs == 200
+    store = SweepStore(tmp_path, "tiny")
+    store.claim(load_spec(TINY).model_dump(mode="json"))
+    more = {**TINY, "resources": {"workers": 8}}  # another cluster: same results
+    store.claim(load_spec(more).model_dump(mode="json"))
+    with pytest.raises(ValueError, match="different spec"):
+        store.claim(
+            load_spec({**TINY, "volume": {**TINY["volume"], "seed": 9}}).model_dump(mode="json")
+        )

@@ -238,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # bad input: the message names the field and the fix
         print(f"volume-ray: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # work failed (trials, shards); finished work is kept
+        print(f"volume-ray: failed: {error}\nRerun the same command to resume.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ reproduce it exactly.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from volume_ray.data.subsets import landscapes_use_extras
 from volume_ray.estimators import VOLUME_COLUMNS, volume_table
+from volume_ray.experiment import with_absolute_root
 from volume_ray.spec import Pair, SweepSpec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
 from volume_ray.workers import VolumeWorker
@@ -105,13 +107,25 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
     # The spec is small enough to travel inline with each actor's creation, so a
     # restarted actor never depends on an object that could be evicted.
     spec_dict = spec.model_dump(mode="json")
-    actors = [
-        VolumeWorker.options(
-            name=f"volume_worker:{spec.name}:{i}", num_cpus=cpus, num_gpus=gpus,
-        ).remote(spec_dict, str(store.root.resolve()))
-        for i in range(count)
-    ]  # fmt: skip
-    ray.get([actor.pid.remote() for actor in actors])  # every actor up
+    actors = []
+    try:
+        for i in range(count):
+            actors.append(
+                VolumeWorker.options(
+                    name=f"volume_worker:{spec.name}:{i}", num_cpus=cpus, num_gpus=gpus
+                ).remote(spec_dict, os.path.abspath(store.root))
+            )
+        ray.get([actor.pid.remote() for actor in actors])  # every actor up
+        return _dispatch(store, shards, actors, began, progress)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _dispatch(
+    store: SweepStore, shards: list[Shard], actors: list, began: float, progress: bool
+) -> MeasureStats:
+    """Keep every actor busy until every shard is written."""
     ready = time.perf_counter()
     waiting: dict[Pair, deque[Shard]] = {}  # per pair, in order: an actor keeps its pair
     for shard in shards:
@@ -143,7 +157,7 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
         )
         running[ref] = (actor, shard)
 
-    for actor in range(count):
+    for actor in range(len(actors)):
         submit(actor)
     bar = tqdm(
         total=sum(s.count for s in shards), unit="dir", desc="measuring", disable=not progress
@@ -158,8 +172,6 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
             submit(actor)
     finally:
         bar.close()
-        for actor in actors:
-            ray.kill(actor)
     return MeasureStats(len(shards), ready - began, time.perf_counter() - ready)
 
 
@@ -175,7 +187,9 @@ def _write_shard(store: SweepStore, shard: Shard, columns: dict, facts: dict) ->
 
 
 def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
-    """Every estimator for every (model, landscape, metric, threshold) -> volumes.parquet."""
+    """Every estimator for every (model, landscape, metric, threshold) -> volumes.parquet,
+    with models.parquet rewritten beside it so the two tables always agree."""
+    store.write_models()
     radii = store.read_radii()
     if radii.empty:
         volumes = pd.DataFrame(columns=VOLUME_TABLE_COLUMNS)
@@ -223,6 +237,7 @@ def run_sweep(
 
     store = SweepStore(storage, spec.name)
     store.claim(spec.model_dump(mode="json"))
+    spec = with_absolute_root(spec)  # what trials and actors get; the store keeps the original
     started = connect(address)
     try:
         if "train" in stages:

@@ -15,13 +15,38 @@ from volume_ray.data import ExperimentData, load_source, split_experiment
 from volume_ray.models import build_model
 from volume_ray.spec import SweepSpec
 
-__all__ = ["check_runnable", "experiment_data", "new_model", "set_torch_threads"]
+__all__ = [
+    "assigned_device",
+    "check_runnable",
+    "experiment_data",
+    "new_model",
+    "set_torch_threads",
+    "with_absolute_root",
+]
 
 
 def set_torch_threads() -> None:
     """Ray reuses worker processes and torch fixes its thread count at import: set it
     from OMP_NUM_THREADS (Ray sets it to the CPUs a task or actor holds)."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+
+
+def assigned_device() -> torch.device:
+    """The GPU Ray gave this task or actor, else the CPU: a worker that asked for no
+    GPU must not crowd onto one that happens to be visible."""
+    import ray
+
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
+def with_absolute_root(spec: SweepSpec) -> SweepSpec:
+    """The spec with dataset.root made absolute from the driver's folder: Tune trials
+    and actors run in folders of their own."""
+    root = spec.dataset.root
+    if root is None or os.path.isabs(root):
+        return spec
+    dataset = spec.dataset.model_copy(update={"root": os.path.abspath(root)})
+    return spec.model_copy(update={"dataset": dataset})
 
 
 def experiment_data(spec: SweepSpec) -> ExperimentData:

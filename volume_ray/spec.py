@@ -87,6 +87,14 @@ class TrainSpec(_Strict):
     target_loss: Annotated[float, Field(gt=0)] | None = None
     batch_sizes: list[PositiveInt | Literal["full"]] = Field(default=["full"], min_length=1)
     seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
+
+    @field_validator("optimizers", "sam_rhos", "batch_sizes", "seeds")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError("must not repeat a value: each one is a trial axis")
+        return values
+
     # Each trial also keeps its weights at these epochs, as models of their own
     # (`<model id>-e<epoch>`), measured like the final one: grokking sweeps.
     checkpoint_epochs: list[PositiveInt] = Field(default_factory=list)
@@ -149,13 +157,15 @@ def smoke_variant(spec: SweepSpec) -> SweepSpec:
     sizes, the first batch size, optimizer, SAM rho and seed, at most 200 epochs and 8
     directions, under the name `<name>-smoke`."""
     d, t, v = spec.dataset, spec.train, spec.volume
-    return spec.model_copy(
+    epochs = min(t.epochs, SMOKE_EPOCHS)
+    small = spec.model_copy(
         update={
             "name": f"{spec.name}-smoke",
             "dataset": d.model_copy(update={"extra_sizes": d.extra_sizes[:2]}),
             "train": t.model_copy(
                 update={
-                    "epochs": min(t.epochs, SMOKE_EPOCHS),
+                    "epochs": epochs,
+                    "checkpoint_epochs": [e for e in t.checkpoint_epochs if e < epochs],
                     "batch_sizes": t.batch_sizes[:1],
                     "optimizers": t.optimizers[:1],
                     "sam_rhos": t.sam_rhos[:1],
@@ -167,6 +177,7 @@ def smoke_variant(spec: SweepSpec) -> SweepSpec:
             ),
         }
     )
+    return SweepSpec.model_validate(small.model_dump(mode="json"))  # every rule still holds
 
 
 def load_spec(source: str | Path | dict) -> SweepSpec:
@@ -246,6 +257,9 @@ def plan_trials(spec: SweepSpec) -> list[Trial]:
                             Trial(model_id, extra, spec.dataset.base_size + extra, size,
                                   optimizer, rho, seed)
                         )  # fmt: skip
+    ids = [t.model_id for t in trials]
+    if len(set(ids)) != len(ids):
+        raise SpecError("train.sam_rhos: two values print alike (:g); make them differ more")
     return trials
 
 

@@ -67,10 +67,10 @@ class SweepStore:
 
     def claim(self, spec_dict: dict) -> None:
         """Record the spec, or check it matches the one already recorded: one store
-        never mixes results of two different specs."""
+        never mixes results of two different specs (resources may change freely)."""
         if self.spec_path.exists():
             recorded = yaml.safe_load(self.spec_path.read_text())
-            if recorded != spec_dict:
+            if _results_part(recorded) != _results_part(spec_dict):
                 raise ValueError(
                     f"{self.root} already holds sweep '{spec_dict['name']}' run with a "
                     "different spec; rename the sweep or pick another --storage to keep both"
@@ -131,6 +131,11 @@ class SweepStore:
         if not files:
             return pd.DataFrame()
         return pq.ParquetDataset(files).read().to_pandas()
+
+
+def _results_part(spec_dict: dict) -> dict:
+    """What decides the results: everything but where they are computed."""
+    return {k: v for k, v in spec_dict.items() if k != "resources"}
 
 
 def _read_or_none(path: Path) -> pd.DataFrame | None:

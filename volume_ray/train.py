@@ -8,6 +8,7 @@ epoch's train loss is below `target_loss`, whichever comes first.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -203,9 +204,12 @@ def train(
         if on_epoch is not None:
             on_epoch(metrics, model)
         if on_state is not None and state_every and epoch % state_every == 0:
-            on_state(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "generator": generator.get_state(), "history": history}
+            on_state(  # copies on the CPU: training goes on and mutates the originals
+                copy.deepcopy(
+                    {"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                     "history": history}
+                )
             )  # fmt: skip
         if config.target_loss is not None and metrics["train_loss"] < config.target_loss:
             break

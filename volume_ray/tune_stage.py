@@ -19,7 +19,7 @@ import torch
 from ray import tune
 from tqdm import tqdm
 
-from volume_ray.experiment import experiment_data, new_model, set_torch_threads
+from volume_ray.experiment import assigned_device, experiment_data, new_model, set_torch_threads
 from volume_ray.models import count_parameters, loss_for_task
 from volume_ray.spec import SweepSpec, Trial, checkpoint_id, plan_trials
 from volume_ray.store import SweepStore
@@ -36,7 +36,7 @@ def train_trial(config: dict) -> None:
     set_torch_threads()
     spec = SweepSpec.model_validate(config["spec"])
     trial = Trial(**config["trial"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = assigned_device()
     data = experiment_data(spec)
     x, y = (t.to(device) for t in data.training_set(trial.extra))
     test = tuple(t.to(device) for t in data.test_set)
@@ -51,7 +51,7 @@ def train_trial(config: dict) -> None:
     resume, kept = None, {}  # kept: epoch -> (weights, metrics) for checkpoint_epochs
     if (saved := tune.get_checkpoint()) is not None:
         with saved.as_directory() as folder:
-            resume = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+            resume = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
         kept = resume.pop("kept")
     pending_state: list[dict] = []
 
@@ -153,6 +153,7 @@ def train_stage(
                 name=f"train-{int(time.time())}",
                 storage_path=str((store.root / "tune").resolve()),
                 failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest state
                 callbacks=[_StoreFinishedModels(spec, store, bar)],
                 verbose=0,
             ),

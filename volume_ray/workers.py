@@ -7,10 +7,9 @@ import os
 import time
 
 import ray
-import torch
 from ray.util import metrics
 
-from volume_ray.experiment import experiment_data, new_model, set_torch_threads
+from volume_ray.experiment import assigned_device, experiment_data, new_model, set_torch_threads
 from volume_ray.measure import RadiusMeter
 from volume_ray.models import loss_for_task
 from volume_ray.spec import SweepSpec
@@ -19,7 +18,7 @@ from volume_ray.train import load_checkpoint
 __all__ = ["VolumeWorker"]
 
 
-@ray.remote(max_restarts=-1, max_task_retries=3)
+@ray.remote(max_restarts=5, max_task_retries=3)
 class VolumeWorker:
     """Measures shards; a restarted worker rebuilds its state from the spec."""
 
@@ -27,7 +26,7 @@ class VolumeWorker:
         set_torch_threads()
         self.spec = SweepSpec.model_validate(spec)
         self.store_root = store_root
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = assigned_device()
         self.data = experiment_data(self.spec)
         self.loss_fn = loss_for_task(self.data.source.task)
         self.loaded: tuple[str, int] | None = None
@@ -50,6 +49,7 @@ class VolumeWorker:
         """Build the meter of a pair once: landscape on the device, filter norm, hints."""
         if self.loaded == (model_id, landscape_extra):
             return
+        self.meter = None  # free the previous pair's device memory first
         model = new_model(self.spec, self.data, seed)
         model = load_checkpoint(model, os.path.join(self.store_root, checkpoint))
         x, y = self.data.landscape_set(landscape_extra)

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from volume_ray.analysis.trends import with_variant  # noqa: E402
 from volume_ray.estimators import bootstrap_log_volume, log_volume_by_count  # noqa: E402
 
 __all__ = [
@@ -23,12 +24,13 @@ __all__ = [
 
 def _paper(volumes: pd.DataFrame, models: pd.DataFrame, threshold: float) -> pd.DataFrame:
     chosen = volumes[(volumes.estimator == "paper") & (volumes.threshold == threshold)]
-    return chosen.merge(models[["model_id", "train_size", "seed", "test_acc"]], on="model_id")
+    facts = with_variant(models)[["model_id", "train_size", "seed", "test_acc", "variant"]]
+    return chosen.merge(facts, on="model_id")
 
 
 def volume_against_train_size(volumes, models, threshold: float):
     """Fig. 4 top: log-volume against training-set size in each fixed landscape, one
-    trace per seed, with the mean and spread over seeds."""
+    trace per seed, with the mean and spread over seeds (per variant, if several)."""
     table = _paper(volumes, models, threshold)
     landscapes = sorted(table.landscape_size.unique())
     figure, axes = plt.subplots(
@@ -36,17 +38,21 @@ def volume_against_train_size(volumes, models, threshold: float):
     )
     for axis, landscape in zip(axes[0], landscapes):
         part = table[table.landscape_size == landscape]
-        for seed, trace in part.groupby("seed"):
-            trace = trace.sort_values("train_size")
-            axis.plot(trace.train_size, trace.log_volume, "o-", alpha=0.35, label=f"seed {seed}")
-        stats = part.groupby("train_size").log_volume.agg(["mean", "std"]).fillna(0)
-        axis.errorbar(
-            stats.index, stats["mean"], yerr=stats["std"], color="k", capsize=3, label="mean ± sd"
-        )
+        several = part.variant.nunique() > 1  # e.g. AdamW and SAM: one mean each
+        for variant, same in part.groupby("variant"):
+            name = f"{variant}: " if several else ""
+            for seed, trace in same.groupby("seed"):
+                trace = trace.sort_values("train_size")
+                axis.plot(trace.train_size, trace.log_volume, "o-", alpha=0.3,
+                          label=f"{name}seed {seed}")  # fmt: skip
+            stats = same.groupby("train_size").log_volume.agg(["mean", "std"]).fillna(0)
+            axis.errorbar(stats.index, stats["mean"], yerr=stats["std"], capsize=3,
+                          color=None if several else "k", label=f"{name}mean ± sd")  # fmt: skip
         axis.set(xscale="log", title=f"landscape of {landscape} samples",
                  xlabel="training-set size", ylabel="log-volume (nats)")  # fmt: skip
         axis.legend(fontsize=7)
-    figure.suptitle(f"Minimum volume against training-set size (loss threshold {threshold})")
+    metric = table.metric.iloc[0] if len(table) else "loss"
+    figure.suptitle(f"Minimum volume against training-set size ({metric} threshold {threshold})")
     figure.tight_layout()
     return figure
 
@@ -58,16 +64,19 @@ def volume_against_landscape(
     seeds), with the landscape size where it stops being a minimum marked."""
     table = _paper(volumes, models, threshold)
     figure, axis = plt.subplots(figsize=(6, 4))
-    for size, group in table.groupby("train_size"):
+    several = table.variant.nunique() > 1
+    for (variant, size), group in table.groupby(["variant", "train_size"]):
         mean = group.groupby("landscape_size").log_volume.mean()
-        (line,) = axis.plot(mean.index, mean.values, "o-", label=f"trained on {size}")
+        label = f"{variant}, trained on {size}" if several else f"trained on {size}"
+        (line,) = axis.plot(mean.index, mean.values, "o-", label=label)
         if cutoffs is not None:
             cut = cutoffs[
                 (cutoffs.train_size == size) & (cutoffs.threshold == threshold)
             ].cutoff.dropna()
             for value in cut.unique():
                 axis.axvline(value, color=line.get_color(), ls=":", alpha=0.6)
-    title = f"Minima across landscapes (loss threshold {threshold}; dotted: cutoffs)"
+    metric = table.metric.iloc[0] if len(table) else "loss"
+    title = f"Minima across landscapes ({metric} threshold {threshold}; dotted: cutoffs)"
     axis.set(xscale="log", xlabel="landscape size (samples)", ylabel="log-volume (nats)",
              title=title)  # fmt: skip
     axis.legend(fontsize=7)

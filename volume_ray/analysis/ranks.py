@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from volume_ray.analysis.trends import with_variant
 from volume_ray.estimators import log_volume
 
 __all__ = [
@@ -43,13 +44,15 @@ def _spearman(a, b) -> float:
 def own_minimum_is_largest(volumes: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     """Per landscape (and metric, threshold, estimator): is the volume of the minimum
     trained on exactly that landscape the largest there? Seeds are averaged."""
-    table = volumes.merge(models[["model_id", "train_size"]], on="model_id")
-    keys = ["landscape_size", "metric", "threshold", "estimator"]
+    table = volumes.merge(
+        with_variant(models)[["model_id", "train_size", "variant"]], on="model_id"
+    )
+    keys = ["landscape_size", "variant", "metric", "threshold", "estimator"]
     rows = []
     for key, group in table.groupby(keys, sort=True):
         mean = group.groupby("train_size").log_volume.mean()
         landscape = key[0]
-        if landscape in mean.index:
+        if landscape in mean.index and mean.notna().any():
             rows.append({**dict(zip(keys, key)), "largest_train_size": int(mean.idxmax()),
                          "own_is_largest": bool(mean.idxmax() == landscape)})  # fmt: skip
     return pd.DataFrame(rows)

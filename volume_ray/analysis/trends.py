@@ -12,7 +12,20 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["PowerLaw", "fit_power_law", "scaling_table"]
+__all__ = ["PowerLaw", "fit_power_law", "scaling_table", "with_variant"]
+
+
+def with_variant(models: pd.DataFrame) -> pd.DataFrame:
+    """`models` with a `variant` column: what sets minima apart besides the data size and
+    the seed (optimizer with SAM, batch size, a kept epoch). Trends, ranks and figures
+    compare like with like: within one variant."""
+    kept = models.model_id.str.extract(r"-e(\d+)$")[0]
+    label = (
+        models.optimizer
+        + " b"
+        + models.batch_size.astype(str).where(models.batch_size != models.train_size, "full")
+    )
+    return models.assign(variant=label + ("@e" + kept).fillna(""))
 
 
 @dataclass(frozen=True)
@@ -58,12 +71,14 @@ def scaling_table(
     number of parameters, so models of different sizes compare."""
     if against not in ("train_size", "landscape_size"):
         raise ValueError(f"against must be 'train_size' or 'landscape_size', got {against!r}")
-    table = volumes.merge(models[["model_id", "train_size"]], on="model_id")
+    table = volumes.merge(
+        with_variant(models)[["model_id", "train_size", "variant"]], on="model_id"
+    )
     if per_dimension:
         table = table.assign(log_volume=table.log_volume / table.n_params)
-    fixed = "landscape_size" if against == "train_size" else "model_id"
+    fixed = ["landscape_size", "variant"] if against == "train_size" else ["model_id"]
     rows = []
-    keys = [fixed, "metric", "threshold", "estimator"]
+    keys = [*fixed, "metric", "threshold", "estimator"]
     for key, group in table.groupby(keys, sort=True):
         group = group[np.isfinite(group.log_volume)]
         if group[against].nunique() < 2:  # nothing to fit a slope through
