@@ -77,10 +77,7 @@ def volume_against_landscape(
                 axis.axvline(value, color=line.get_color(), ls=":", alpha=0.6)
     metric = table.metric.iloc[0] if len(table) else "loss"
     title = f"Minima across landscapes ({metric} threshold {threshold}; dotted: cutoffs)"
-    axis.set(xscale="log", xlabel="landscape size (samples)", ylabel="log-volume (nats)",
-             title=title)  # fmt: skip
-    axis.legend(fontsize=7)
-    figure.tight_layout()
+    _finish(figure, axis, title, "landscape size (samples)", "log-volume (nats)", xscale="log")
     return figure
 
 
@@ -102,22 +99,28 @@ def volume_against_test_accuracy(volumes, models, threshold: float, landscape: i
 def estimate_against_directions(
     radii: pd.DataFrame, models: pd.DataFrame, threshold: float, landscape: int
 ):
-    """The paper estimate from the first K directions, for each minimum of a landscape."""
+    """The paper estimate from the first K directions, with its 95% bootstrap band, for
+    each minimum of a landscape."""
     figure, axis = plt.subplots(figsize=(6, 4))
     params = dict(zip(models.model_id, models.n_params))
     chosen = radii[(radii.threshold == threshold) & (radii.landscape_size == landscape)]
     for model_id, group in chosen.groupby("model_id"):
         ordered = group.sort_values("direction").radius.to_numpy()
-        counts = np.unique(np.geomspace(1, len(ordered), 30).astype(int))
-        axis.plot(
-            counts, log_volume_by_count(ordered, int(params[model_id]), counts), label=model_id
-        )
+        n = int(params[model_id])
+        counts = np.unique(np.geomspace(1, len(ordered), 20).astype(int))
+        (line,) = axis.plot(counts, log_volume_by_count(ordered, n, counts), label=model_id)
+        low, high = zip(*(_interval(ordered[:k], n) for k in counts))
+        axis.fill_between(counts, low, high, color=line.get_color(), alpha=0.15)
     title = f"Estimate against the number of directions (landscape {landscape})"
-    axis.set(xscale="log", xlabel="directions K", ylabel="log-volume estimate (nats)",
-             title=title)  # fmt: skip
+    _finish(figure, axis, title, "directions K", "log-volume estimate (nats)", xscale="log")
+    return figure
+
+
+def _finish(figure, axis, title: str, xlabel: str, ylabel: str, **scales) -> None:
+    """Title, labels and legend of a one-axis figure, laid out."""
+    axis.set(title=title, xlabel=xlabel, ylabel=ylabel, **scales)
     axis.legend(fontsize=6)
     figure.tight_layout()
-    return figure
 
 
 def _interval(radii: np.ndarray, n_params: int) -> tuple[float, float]:
@@ -134,11 +137,7 @@ def radius_distributions(radii: pd.DataFrame, threshold: float, landscape: int):
     chosen = radii[(radii.threshold == threshold) & (radii.landscape_size == landscape)]
     for model_id, group in chosen.groupby("model_id"):
         axis.hist(group.radius.dropna(), bins=30, histtype="step", label=model_id)
-    axis.set(
-        xlabel="radius", ylabel="directions", title=f"Radii (landscape {landscape}, T={threshold})"
-    )
-    axis.legend(fontsize=6)
-    figure.tight_layout()
+    _finish(figure, axis, f"Radii (landscape {landscape}, T={threshold})", "radius", "directions")
     return figure
 
 
