@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from volume_ray.data.subsets import landscapes_use_extras
 from volume_ray.estimators import VOLUME_COLUMNS, volume_table
-from volume_ray.experiment import with_absolute_root
+from volume_ray.experiment import gpus_each, with_absolute_root
 from volume_ray.spec import Pair, SweepSpec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
 from volume_ray.workers import VolumeWorker
@@ -75,13 +75,11 @@ def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int
 def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
     """(actors, CPUs each, GPUs each): one per GPU when there are GPUs, else one per CPU."""
     resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
-    per_gpu = spec.resources.gpus_per_worker
-    per_gpu = (1.0 if gpus >= 1 else 0.0) if per_gpu == "auto" else float(per_gpu)
+    per_gpu = gpus_each(spec)
     if spec.resources.workers != "auto":
         wanted = spec.resources.workers
     elif per_gpu > 0:
-        wanted = int(gpus / per_gpu)
+        wanted = int(resources.get("GPU", 0) / per_gpu)
     else:
         wanted = int(resources.get("CPU", 1))
     return max(1, min(wanted, shards)), (0.0 if per_gpu > 0 else 1.0), per_gpu

@@ -19,6 +19,7 @@ __all__ = [
     "assigned_device",
     "check_runnable",
     "experiment_data",
+    "gpus_each",
     "new_model",
     "set_torch_threads",
     "with_absolute_root",
@@ -37,6 +38,17 @@ def assigned_device() -> torch.device:
     import ray
 
     return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
+def gpus_each(spec: SweepSpec) -> float:
+    """GPUs per trial or worker: the spec's number, or under "auto" one whole GPU when
+    the cluster has any, else none."""
+    import ray
+
+    wanted = spec.resources.gpus_per_worker
+    if wanted != "auto":
+        return float(wanted)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
 def with_absolute_root(spec: SweepSpec) -> SweepSpec:

@@ -147,10 +147,10 @@ class RadiusMeter:
         model.eval()
         # Memory cap: a block of directions, and the weight sets stacked for one pass,
         # each hold about BLOCK_FLOATS scalars at most.
-        self.block = max(1, BLOCK_FLOATS // _parameter_count(model))
+        params = perturbed_parameters(model)
+        self.block = max(1, BLOCK_FLOATS // params.count)
         if points_per_pass is None:
             points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
-        params = perturbed_parameters(model)
         self.landscape = Landscape(
             model, params, x.to(device), y.to(device), loss_fn, metric=metric,
             batch_size=batch_size, points_per_pass=min(points_per_pass, self.block),
@@ -260,10 +260,6 @@ def _device(requested: str | torch.device | None, model: nn.Module) -> torch.dev
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _levels(metric: str, thresholds: Sequence[float], size: int) -> list[float]:

@@ -14,12 +14,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import ray
 import torch
 from ray import tune
 from tqdm import tqdm
 
-from volume_ray.experiment import assigned_device, experiment_data, new_model, set_torch_threads
+from volume_ray.experiment import (
+    assigned_device,
+    experiment_data,
+    gpus_each,
+    new_model,
+    set_torch_threads,
+)
 from volume_ray.models import count_parameters, loss_for_task
 from volume_ray.spec import SweepSpec, Trial, checkpoint_id, plan_trials
 from volume_ray.store import SweepStore
@@ -140,7 +145,7 @@ def train_stage(
     done = set(store.finished_models().get("model_id", []))
     todo = [t for t in plan_trials(spec) if t.model_id not in done]
     if todo:
-        gpus = _gpus_per_trial(spec)
+        gpus = gpus_each(spec)
         bar = tqdm(total=len(todo), unit="model", desc="training", disable=not progress)
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": gpus}),
@@ -168,11 +173,3 @@ def train_stage(
             )
     store.write_models()
     return todo
-
-
-def _gpus_per_trial(spec: SweepSpec) -> float:
-    """A GPU per trial when the cluster has GPUs (unless the spec says otherwise)."""
-    wanted = spec.resources.gpus_per_worker
-    if wanted != "auto":
-        return float(wanted)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
