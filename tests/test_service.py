@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import signal
@@ -19,9 +21,10 @@ import yaml
 
 from volume_ray.cli import main
 from volume_ray.driver import aggregate_stage, measure_stage, pending_shards, run_sweep
+from volume_ray.locations import read_bytes
 from volume_ray.spec import load_spec, smoke_variant
 from volume_ray.store import SweepStore
-from volume_ray.tune_stage import train_trial
+from volume_ray.tune_stage import resumable_states, train_trial
 
 MODELS_COLUMNS = [
     "model_id", "dataset", "train_size", "batch_size", "optimizer", "seed", "epochs",
@@ -273,3 +276,38 @@ def test_spec_rules_that_keep_model_ids_unique_and_stores_resumable(tmp_path):
         store.claim(
             load_spec({**TINY, "volume": {**TINY["volume"], "seed": 9}}).model_dump(mode="json")
         )
+
+
+def test_training_cut_short_goes_on_from_its_last_state_in_the_next_run(local_ray, tmp_path):
+    spec = {**TINY, "name": "cut", "dataset": {**TINY["dataset"], "extra_sizes": [0]},
+            "train": {**TINY["train"], "epochs": 3000}}  # fmt: skip
+    spec_path = tmp_path / "cut.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "volume_ray.cli", "train", str(spec_path),
+               "--storage", str(tmp_path / "cut")]  # fmt: skip
+    store = SweepStore(tmp_path / "cut", "cut")
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not resumable_states(store) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its whole local Ray: a lost cluster
+    driver.wait()
+    (model_id, location), *others = resumable_states(store).items()
+    saved_epoch = len(torch.load(io.BytesIO(read_bytes(location)), weights_only=True)["history"])
+    assert not others and store.finished_models().empty and saved_epoch % 50 == 0
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    newest = max(Path(store.tune).glob("train-*"), key=lambda p: p.stat().st_mtime_ns)
+    (results,) = newest.glob("*/result.json")
+    first = json.loads(results.read_text().splitlines()[0])
+    assert first["epoch"] == saved_epoch + 1  # went on from the state, not from epoch 1
+
+    reference = run_sweep(load_spec(spec), str(tmp_path / "whole"), stages=("train",),
+                          progress=False)  # fmt: skip
+    resumed = store.read_state_dict(f"checkpoints/{model_id}.pt")
+    uncut = reference.read_state_dict(f"checkpoints/{model_id}.pt")
+    assert resumed.keys() == uncut.keys()
+    for name in uncut:  # bit for bit the weights of a run that was never cut
+        assert torch.equal(resumed[name], uncut[name]), name

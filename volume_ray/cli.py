@@ -5,10 +5,11 @@
 - `validate SPEC`  print the plan, or the bad field and how to fix it;
 - `status DIR`     what a sweep's store holds;
 - `query DIR`      a table of the store, filtered, as text, CSV or JSON;
-- `report DIR`     figures and a Markdown summary with the trend tables, in the store;
+- `report DIR`     figures and a Markdown summary with the trend tables, in `DIR/report/`;
 - `demo`           one digits MLP measured in this process, without Ray.
 
 Without `--address` a local Ray starts; with one, the command joins that cluster.
+`--storage` and `DIR` take a local path or a pyarrow filesystem URI (`s3://...`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 __all__ = ["main"]
 
 DEFAULT_STORAGE = "results"
+SWEEP_DIR_HELP = "the sweep's folder, <storage>/<name>: a path or a URI (s3://bucket/prefix/name)"
 
 
 def _spec(args: argparse.Namespace):
@@ -35,28 +37,31 @@ def _spec(args: argparse.Namespace):
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     from volume_ray.driver import run_sweep
     from volume_ray.experiment import check_runnable
+    from volume_ray.locations import exists
+    from volume_ray.results import TABLES
 
     spec = _spec(args)
     check_runnable(spec)
     started = time.perf_counter()
     store = run_sweep(spec, args.storage, address=args.address, stages=stages)
-    print(f"\n{spec.name}: done in {time.perf_counter() - started:.0f} s, results in {store.root}")
-    if store.volumes_path.exists():
-        _print_volumes(store)
+    where = store.location
+    print(f"\n{spec.name}: done in {time.perf_counter() - started:.0f} s, results in {where}")
+    if exists(store.volumes_path):
+        _print_volumes(where)
         print(
-            "\nRead the tables with pandas:\n"
-            f"  pd.read_parquet('{store.models_path}')\n"
-            f"  pd.read_parquet('{store.volumes_path}')\n"
-            f"  pd.read_parquet('{store.radii}')"
+            "\nRead the tables in Python:\n"
+            "  from volume_ray.results import load_table\n"
+            + "".join(f"  load_table('{where}', '{table}')\n" for table in TABLES),
+            end="",
         )
     return 0
 
 
-def _print_volumes(store) -> None:
-    import pandas as pd
+def _print_volumes(sweep: str) -> None:
+    from volume_ray.results import load_table
 
-    volumes = pd.read_parquet(store.volumes_path)
-    order = pd.read_parquet(store.models_path).sort_values(["train_size", "optimizer", "seed"])
+    volumes = load_table(sweep, "volumes")
+    order = load_table(sweep, "models").sort_values(["train_size", "optimizer", "seed"])
     paper = volumes[volumes.estimator == "paper"]
     for (metric, threshold), group in paper.groupby(["metric", "threshold"]):
         table = group.pivot(index="model_id", columns="landscape_size", values="log_volume")
@@ -96,18 +101,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from volume_ray.driver import pending_shards
+    from volume_ray.locations import exists
     from volume_ray.spec import load_spec, plan_trials
     from volume_ray.store import SweepStore
 
-    root = Path(args.dir)
-    store = SweepStore(root.parent, root.name)
+    store = SweepStore.at(args.dir)
     spec = load_spec(store.recorded_spec())
     models = store.finished_models()
     missing, total = pending_shards(spec, store)
-    print(f"sweep {spec.name} in {store.root}")
+    print(f"sweep {spec.name} in {store.location}")
     print(f"  models   {len(models)}/{len(plan_trials(spec))} trained")
     print(f"  shards   {total - len(missing)}/{total} measured (of the trained models)")
-    print(f"  volumes  {'written' if store.volumes_path.exists() else 'not yet'}")
+    print(f"  volumes  {'written' if exists(store.volumes_path) else 'not yet'}")
     return 0
 
 
@@ -126,9 +131,11 @@ def _query(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from volume_ray.analysis.report import write_report
+    from volume_ray.locations import join, list_files
 
     out = write_report(args.dir)
-    print(f"wrote {len(list(out.glob('*.png')))} figures and {out / 'summary.md'}")
+    _, figures = list_files(out, ".png")
+    print(f"wrote {len(figures)} figures and {join(out, 'summary.md')}")
     return 0
 
 
@@ -190,7 +197,11 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("spec", help="sweep spec (YAML)")
         command.add_argument("--smoke", action="store_true", help="the small form (see spec)")
-        command.add_argument("--storage", default=DEFAULT_STORAGE, help="results root folder")
+        command.add_argument(
+            "--storage", default=DEFAULT_STORAGE,
+            help="results root: a folder (on a cluster, one every node mounts) or a URI "
+            "such as s3://bucket/prefix",
+        )  # fmt: skip
         command.add_argument("--address", default=None, help="Ray cluster to join")
         command.set_defaults(run=lambda args, stages=stages: _run(args, stages))
     validate = commands.add_parser("validate", help="check a spec and print its plan")
@@ -198,16 +209,16 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--smoke", action="store_true", help="the small form (see spec)")
     validate.set_defaults(run=_validate)
     status = commands.add_parser("status", help="what a sweep's store holds")
-    status.add_argument("dir", help="the sweep's folder, <storage>/<name>")
+    status.add_argument("dir", help=SWEEP_DIR_HELP)
     status.set_defaults(run=_status)
     query = commands.add_parser("query", help="print a table of a sweep's store")
-    query.add_argument("dir", help="the sweep's folder, <storage>/<name>")
+    query.add_argument("dir", help=SWEEP_DIR_HELP)
     query.add_argument("--table", choices=("models", "radii", "volumes"), default="volumes")
     query.add_argument("--where", default=None, help="a pandas query, e.g. 'threshold == 0.1'")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.set_defaults(run=_query)
     report = commands.add_parser("report", help="figures and a Markdown summary of a sweep")
-    report.add_argument("dir", help="the sweep's folder, <storage>/<name>")
+    report.add_argument("dir", help=SWEEP_DIR_HELP)
     report.set_defaults(run=_report)
     demo = commands.add_parser(
         "demo", help="train an MLP on the embedded digits set and measure it, without Ray"
@@ -232,6 +243,9 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's tables: our bars say enough
+    # A resumable state every STATE_EVERY epochs is deliberate; Tune's warning about
+    # frequent experiment snapshots adds nothing for a user.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     args = _parser().parse_args(argv)
     try:
         return args.run(args)

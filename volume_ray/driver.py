@@ -111,9 +111,12 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
             actors.append(
                 VolumeWorker.options(
                     name=f"volume_worker:{spec.name}:{i}", num_cpus=cpus, num_gpus=gpus
-                ).remote(spec_dict, os.path.abspath(store.root))
+                ).remote(spec_dict, store.location)
             )
-        ray.get([actor.pid.remote() for actor in actors])  # every actor up
+        try:
+            ray.get([actor.pid.remote() for actor in actors])  # every actor up
+        except ray.exceptions.RayActorError as error:
+            raise RuntimeError(f"a VolumeWorker could not start: {error}") from None
         return _dispatch(store, shards, actors, began, progress)
     finally:
         for actor in actors:
@@ -123,17 +126,22 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
 def _dispatch(
     store: SweepStore, shards: list[Shard], actors: list, began: float, progress: bool
 ) -> MeasureStats:
-    """Keep every actor busy until every shard is written."""
+    """Keep every live actor busy until every shard is written.
+
+    An actor lost with its node (or killed) fails its shard at once: the shard goes
+    back to the front of its queue for whichever actor is free next, and the lost
+    actor is pinged; Ray restarts it where resources allow, and the answered ping
+    puts it back to work. Only the driver writes shards, so a lost task leaves
+    nothing behind and no shard is written twice."""
     ready = time.perf_counter()
     waiting: dict[Pair, deque[Shard]] = {}  # per pair, in order: an actor keeps its pair
     for shard in shards:
         waiting.setdefault(shard.pair, deque()).append(shard)
-    running: dict[ray.ObjectRef, tuple[int, Shard]] = {}
+    running: dict[ray.ObjectRef, tuple[int, Shard | None]] = {}  # None: a ping
+    idle: list[int] = list(range(len(actors)))
     last_pair: dict[int, Pair] = {}
 
     def submit(actor: int) -> None:
-        if not waiting:
-            return
         pair = last_pair.get(actor)
         if pair not in waiting:
             pair = next(iter(waiting))
@@ -155,19 +163,33 @@ def _dispatch(
         )
         running[ref] = (actor, shard)
 
-    for actor in range(len(actors)):
-        submit(actor)
     bar = tqdm(
         total=sum(s.count for s in shards), unit="dir", desc="measuring", disable=not progress
     )
     try:
-        while running:
+        while waiting or any(shard for _, shard in running.values()):
+            while idle and waiting:
+                submit(idle.pop())
+            if not running:
+                raise RuntimeError(
+                    "every VolumeWorker is lost and cannot be restarted; the finished shards "
+                    "are kept: rerun the same command to measure the rest"
+                )
             (ref,), _ = ray.wait(list(running), num_returns=1)
             actor, shard = running.pop(ref)
-            columns, facts = ray.get(ref)
-            _write_shard(store, shard, columns, facts)
-            bar.update(shard.count)
-            submit(actor)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                if shard is not None:
+                    waiting.setdefault(shard.pair, deque()).appendleft(shard)
+                gone = isinstance(error, ray.exceptions.ActorDiedError) and shard is None
+                if not gone:  # a died ping means its restarts are used up
+                    running[actors[actor].pid.remote()] = (actor, None)
+                continue
+            if shard is not None:
+                _write_shard(store, shard, *result)
+                bar.update(shard.count)
+            idle.append(actor)
     finally:
         bar.close()
     return MeasureStats(len(shards), ready - began, time.perf_counter() - ready)
@@ -209,14 +231,13 @@ STAGES = ("train", "measure", "aggregate")
 
 
 def connect(address: str | None) -> bool:
-    """Join the cluster at `address`, or start a local Ray; True if this call started
-    Ray (and so should shut it down)."""
+    """Join the cluster at `address` (else $RAY_ADDRESS), or start a local Ray; True if
+    this call connected (and so should disconnect)."""
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", log_to_driver=False)
+    # Under `ray job submit` (and KubeRay's RayJob) the cluster comes as RAY_ADDRESS.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=False)
     return True
 
 

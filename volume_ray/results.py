@@ -13,16 +13,11 @@ import pandas as pd
 import pyarrow.dataset as ds
 from pyarrow import fs
 
+from volume_ray.locations import join, locate
+
 __all__ = ["TABLES", "joined_volumes", "load_sweeps", "load_table"]
 
 TABLES = ("models", "radii", "volumes")
-
-
-def _locate(location: str | os.PathLike) -> tuple[fs.FileSystem, str]:
-    text = str(location)
-    if "://" in text:
-        return fs.FileSystem.from_uri(text)
-    return fs.LocalFileSystem(), os.path.abspath(text)
 
 
 def load_table(
@@ -33,7 +28,7 @@ def load_table(
     is a pandas query for anything else ("log_volume > 0 and estimator == 'paper'")."""
     if table not in TABLES:
         raise ValueError(f"table must be one of {TABLES}, got {table!r}")
-    filesystem, root = _locate(sweep)
+    filesystem, root = locate(sweep)
     path = f"{root}/{table}" if table == "radii" else f"{root}/{table}.parquet"
     info = filesystem.get_file_info(path)
     if info.type == fs.FileType.NotFound:
@@ -59,18 +54,13 @@ def load_table(
 
 def load_sweeps(storage: str | os.PathLike, table: str, **equal: object) -> pd.DataFrame:
     """One table of every sweep under a storage root, with a `sweep` column."""
-    filesystem, root = _locate(storage)
+    filesystem, root = locate(storage)
     selector = fs.FileSelector(root, recursive=False)
     frames = []
     for entry in sorted(filesystem.get_file_info(selector), key=lambda e: e.path):
         spec = filesystem.get_file_info(f"{entry.path}/spec.yaml")
         if entry.type == fs.FileType.Directory and spec.type == fs.FileType.File:
-            location = (
-                entry.path
-                if "://" not in str(storage)
-                else f"{str(storage).rstrip('/')}/{entry.base_name}"
-            )
-            frame = load_table(location, table, **equal)
+            frame = load_table(join(storage, entry.base_name), table, **equal)
             frames.append(frame.assign(sweep=entry.base_name))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -5,104 +5,131 @@ Layout (DESIGN section 5):
 - `models.parquet`   one row per trained model; per-model rows live in `models/` first;
 - `checkpoints/`     one state dict per model (`torch.load(weights_only=True)`);
 - `radii/`           a Parquet dataset, one file per finished shard;
-- `volumes.parquet`  one row per (model, landscape, metric, threshold, estimator).
+- `volumes.parquet`  one row per (model, landscape, metric, threshold, estimator);
+- `tune/`            Ray Tune's experiment folders (resumable training states).
 
-Every file is written to a temporary name in its folder, flushed, then renamed, so a
+`storage` is a local path (on a multi-node cluster: one that every node mounts) or any
+pyarrow filesystem URI: `s3://bucket/prefix`, `gs://bucket/prefix`, `file:///path`
+(see `locations`). Every file is written whole or not at all (`write_atomic`), so a
 crash leaves the old file or the new one; a rerun finds finished work and skips it.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
+import posixpath
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from pyarrow import fs
+
+from volume_ray.locations import (
+    Location,
+    exists,
+    is_uri,
+    join,
+    list_files,
+    locate,
+    read_bytes,
+    split,
+    write_atomic,
+)
 
 __all__ = ["SweepStore", "write_table"]
 
 
 def write_table(
-    frame: pd.DataFrame, path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> Path:
-    """Write `frame` to the Parquet file `path` atomically, with optional key-value
-    `metadata` in its schema; return the path."""
+    frame: pd.DataFrame, path: Location, metadata: dict[str, str] | None = None
+) -> Location:
+    """Write `frame` to the Parquet file `path` (local or URI) atomically, with optional
+    key-value `metadata` in its schema; return the path."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    return _atomic(Path(path), lambda sink: pq.write_table(table, sink))
-
-
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as sink:
-            write(sink)
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda sink: pq.write_table(table, sink))
     return path
 
 
 class SweepStore:
-    """The folder of one sweep, and what is already finished in it."""
+    """The folder of one sweep, and what is already finished in it.
 
-    def __init__(self, storage: str | os.PathLike, name: str):
-        self.root = Path(storage) / name
-        self.spec_path = self.root / "spec.yaml"
-        self.models_path = self.root / "models.parquet"
-        self.model_rows = self.root / "models"
-        self.checkpoints = self.root / "checkpoints"
-        self.radii = self.root / "radii"
-        self.volumes_path = self.root / "volumes.parquet"
+    `location` (a str: the absolute path or the URI) is what travels to Ray actors and
+    Tune. `root` and the paths below it are `Path`s for a local store, so callers may
+    use them as files; for a URI store they are URIs, read through this module."""
+
+    def __init__(self, storage: Location, name: str):
+        base = storage if is_uri(storage) else os.path.abspath(storage)
+        self.root = join(base, name)
+        self.location = str(self.root)
+        self.spec_path = join(self.root, "spec.yaml")
+        self.models_path = join(self.root, "models.parquet")
+        self.model_rows = join(self.root, "models")
+        self.checkpoints = join(self.root, "checkpoints")
+        self.radii = join(self.root, "radii")
+        self.volumes_path = join(self.root, "volumes.parquet")
+        self.tune = join(self.root, "tune")
+
+    @classmethod
+    def at(cls, location: Location) -> SweepStore:
+        """The store whose sweep folder is `location` (`<storage>/<name>`)."""
+        return cls(*split(location))
 
     # -- the spec ---------------------------------------------------------------------
 
     def claim(self, spec_dict: dict) -> None:
         """Record the spec, or check it matches the one already recorded: one store
         never mixes results of two different specs (resources may change freely)."""
-        if self.spec_path.exists():
-            recorded = yaml.safe_load(self.spec_path.read_text())
-            if _results_part(recorded) != _results_part(spec_dict):
+        if exists(self.spec_path):
+            if _results_part(self.recorded_spec()) != _results_part(spec_dict):
                 raise ValueError(
-                    f"{self.root} already holds sweep '{spec_dict['name']}' run with a "
+                    f"{self.location} already holds sweep '{spec_dict['name']}' run with a "
                     "different spec; rename the sweep or pick another --storage to keep both"
                 )
             return
         text = yaml.safe_dump(spec_dict, sort_keys=False).encode()
-        _atomic(self.spec_path, lambda sink: sink.write(text))
+        write_atomic(self.spec_path, lambda sink: sink.write(text))
 
     def recorded_spec(self) -> dict:
-        if not self.spec_path.exists():
-            raise ValueError(f"{self.root} holds no sweep: spec.yaml is missing")
-        return yaml.safe_load(self.spec_path.read_text())
+        try:
+            return yaml.safe_load(read_bytes(self.spec_path))
+        except FileNotFoundError:
+            raise ValueError(f"{self.location} holds no sweep: spec.yaml is missing") from None
 
     # -- models -----------------------------------------------------------------------
 
-    def checkpoint_path(self, model_id: str) -> Path:
-        return self.checkpoints / f"{model_id}.pt"
+    def checkpoint_path(self, model_id: str) -> Location:
+        return join(self.checkpoints, f"{model_id}.pt")
 
-    def write_checkpoint(self, model_id: str, source: Path) -> None:
-        """Copy a state dict file into the store, atomically."""
+    def write_checkpoint(self, model_id: str, source: str | os.PathLike) -> None:
+        """Copy a local state dict file into the store, atomically."""
         data = Path(source).read_bytes()
-        _atomic(self.checkpoint_path(model_id), lambda sink: sink.write(data))
+        write_atomic(self.checkpoint_path(model_id), lambda sink: sink.write(data))
+
+    def read_state_dict(self, checkpoint: str) -> dict:
+        """The state dict at `checkpoint`, relative to the sweep folder as in
+        models.parquet: read as bytes through the store's filesystem, so it works on any
+        node that sees the store; tensors only (`weights_only`), never pickled code."""
+        import torch  # the store is also read where torch is not needed
+
+        data = read_bytes(join(self.root, *checkpoint.split("/")))
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     def write_model_row(self, row: dict) -> None:
-        write_table(pd.DataFrame([row]), self.model_rows / f"{row['model_id']}.parquet")
+        write_table(pd.DataFrame([row]), join(self.model_rows, f"{row['model_id']}.parquet"))
 
     def finished_models(self) -> pd.DataFrame:
-        """Rows of the models whose row and checkpoint are both on disk."""
+        """Rows of the models whose row and checkpoint are both in the store."""
+        _, saved = list_files(self.checkpoints, ".pt")
+        saved_names = {posixpath.basename(path) for path in saved}
+        filesystem, rows = list_files(self.model_rows, ".parquet")
         frames = []
-        for path in sorted(self.model_rows.glob("*.parquet")):
-            frame = _read_or_none(path)
-            if frame is not None and self.checkpoint_path(frame.model_id.iloc[0]).exists():
+        for path in rows:
+            frame = _read_or_none(filesystem, path)
+            if frame is not None and f"{frame.model_id.iloc[0]}.pt" in saved_names:
                 frames.append(frame)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -113,24 +140,23 @@ class SweepStore:
 
     # -- radii shards -----------------------------------------------------------------
 
-    def shard_path(self, model_id: str, landscape_size: int, start: int, count: int) -> Path:
-        return self.radii / f"{model_id}__L{landscape_size}__d{start:07d}-{count}.parquet"
+    def shard_path(self, model_id: str, landscape_size: int, start: int, count: int) -> Location:
+        return join(self.radii, f"{model_id}__L{landscape_size}__d{start:07d}-{count}.parquet")
 
-    def shard_is_complete(self, path: Path, rows: int) -> bool:
-        """A readable shard with the rows it should hold. Anything else (a truncated
-        or foreign file) is measured again and atomically replaced."""
-        if not path.exists():
-            return False
+    def shard_is_complete(self, path: Location, rows: int) -> bool:
+        """A readable shard with the rows it should hold. Anything else (missing, a
+        truncated or foreign file) is measured again and atomically replaced."""
+        filesystem, where = locate(path)
         try:
-            return pq.read_metadata(path).num_rows == rows
+            return pq.read_metadata(where, filesystem=filesystem).num_rows == rows
         except (OSError, pa.ArrowInvalid):
             return False
 
     def read_radii(self) -> pd.DataFrame:
-        files = sorted(self.radii.glob("*.parquet"))
+        filesystem, files = list_files(self.radii, ".parquet")
         if not files:
             return pd.DataFrame()
-        return pq.ParquetDataset(files).read().to_pandas()
+        return pq.ParquetDataset(files, filesystem=filesystem).read().to_pandas()
 
 
 def _results_part(spec_dict: dict) -> dict:
@@ -138,8 +164,8 @@ def _results_part(spec_dict: dict) -> dict:
     return {k: v for k, v in spec_dict.items() if k != "resources"}
 
 
-def _read_or_none(path: Path) -> pd.DataFrame | None:
+def _read_or_none(filesystem: fs.FileSystem, path: str) -> pd.DataFrame | None:
     try:
-        return pq.read_table(path).to_pandas()
+        return pq.read_table(path, filesystem=filesystem).to_pandas()
     except (OSError, pa.ArrowInvalid):
         return None

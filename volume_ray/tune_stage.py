@@ -2,19 +2,26 @@
 
 The trainable is a plain function: config in, `tune.report` out. It reports metrics
 every epoch, the full training state every `STATE_EVERY` epochs (a retried trial
-resumes from it), and the trained weights at the end. A driver-side callback copies
-each finished model into the store at once, so a rerun skips it.
+resumes from it, and so does the same trial in a later run of the sweep, after a lost
+cluster or a killed driver), and the trained weights at the end. A driver-side callback copies
+each finished model into the store at once, so a rerun skips it. Tune keeps its
+experiments in `<store>/tune`, on the store's filesystem (a shared path or an object
+store), so a trial resumes on any node.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import posixpath
 import tempfile
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from pyarrow import fs
 from ray import tune
 from tqdm import tqdm
 
@@ -25,12 +32,13 @@ from volume_ray.experiment import (
     new_model,
     set_torch_threads,
 )
+from volume_ray.locations import join, locate, read_bytes
 from volume_ray.models import count_parameters, loss_for_task
 from volume_ray.spec import SweepSpec, Trial, checkpoint_id, plan_trials
 from volume_ray.store import SweepStore
 from volume_ray.train import TrainConfig, evaluate, save_checkpoint, train
 
-__all__ = ["train_stage", "train_trial"]
+__all__ = ["resumable_states", "train_stage", "train_trial"]
 
 STATE_EVERY = 50  # epochs between resumable checkpoints of a trial
 MAX_FAILURES = 2  # retries of a failed trial
@@ -54,9 +62,16 @@ def train_trial(config: dict) -> None:
         batch_size=trial.batch_size, target_loss=t.target_loss, seed=trial.seed,
     )  # fmt: skip
     resume, kept = None, {}  # kept: epoch -> (weights, metrics) for checkpoint_epochs
-    if (saved := tune.get_checkpoint()) is not None:
+    if (saved := tune.get_checkpoint()) is not None:  # a retry within this run
         with saved.as_directory() as folder:
-            resume = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+            resume = _load_state((Path(folder) / "state.pt").read_bytes())
+    elif earlier := config.get("resume_states", {}).get(trial.model_id):  # an earlier run's
+        try:
+            resume = _load_state(read_bytes(earlier))
+        except (OSError, RuntimeError, EOFError) as error:  # cut off while it was written
+            warnings.warn(f"{trial.model_id}: trains from epoch 0, {earlier} is unreadable "
+                          f"({error})", stacklevel=1)  # fmt: skip
+    if resume is not None:
         kept = resume.pop("kept")
     pending_state: list[dict] = []
 
@@ -94,9 +109,39 @@ def train_trial(config: dict) -> None:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
+def _load_state(data: bytes) -> dict:
+    """A resumable training state: tensors and plain values only (`weights_only`)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def resumable_states(store: SweepStore) -> dict[str, str]:
+    """model id -> location of the newest resumable state that an earlier, unfinished
+    run of this sweep left in `<store>/tune` (a lost cluster, a killed driver), so that
+    its trial goes on from there rather than from epoch 0. Tune keeps one state per
+    trial folder (`checkpoint_*/state.pt`) beside the trial's `params.json`."""
+    filesystem, root = locate(store.tune)
+    selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
+    newest: dict[str, tuple[int, str]] = {}
+    for info in filesystem.get_file_info(selector):
+        if info.base_name != "state.pt":
+            continue
+        trial_folder = posixpath.dirname(posixpath.dirname(info.path))
+        relative = posixpath.relpath(info.path, root).split("/")
+        try:
+            with filesystem.open_input_stream(f"{trial_folder}/params.json") as source:
+                model_id = json.loads(source.read())["trial"]["model_id"]
+        except (OSError, KeyError, ValueError):  # not a trial of ours, or half written
+            continue
+        stamp = info.mtime_ns or 0
+        if model_id not in newest or stamp > newest[model_id][0]:
+            newest[model_id] = (stamp, str(join(store.tune, *relative)))
+    return {model_id: location for model_id, (_, location) in newest.items()}
+
+
 class _StoreFinishedModels(tune.Callback):
     """Copies each finished trial's weights and row into the store as it completes,
-    and advances a progress bar over trials."""
+    and advances a progress bar over trials. `as_directory` downloads a checkpoint
+    kept on an object store; the store writes through its own filesystem."""
 
     def __init__(self, spec: SweepSpec, store: SweepStore, bar: tqdm):
         self.spec = spec
@@ -152,11 +197,13 @@ def train_stage(
             param_space={
                 "spec": spec.model_dump(mode="json"),
                 "trial": tune.grid_search([asdict(t) for t in todo]),
+                "resume_states": resumable_states(store),
             },
             tune_config=tune.TuneConfig(reuse_actors=False),
             run_config=tune.RunConfig(
                 name=f"train-{int(time.time())}",
-                storage_path=str((store.root / "tune").resolve()),
+                # a URI goes to Tune as it is: trials upload their states through it
+                storage_path=str(store.tune),
                 failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest state
                 callbacks=[_StoreFinishedModels(spec, store, bar)],

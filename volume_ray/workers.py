@@ -4,28 +4,31 @@ pairs. It holds one pair on its device at a time and only delegates to the core.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import ray
 from ray.util import metrics
 
 from volume_ray.experiment import assigned_device, experiment_data, new_model, set_torch_threads
+from volume_ray.locations import exists
 from volume_ray.measure import RadiusMeter
 from volume_ray.models import loss_for_task
 from volume_ray.spec import SweepSpec
-from volume_ray.train import load_checkpoint
+from volume_ray.store import SweepStore
 
 __all__ = ["VolumeWorker"]
 
 
-@ray.remote(max_restarts=5, max_task_retries=3)
+@ray.remote(max_restarts=5, max_task_retries=0)  # the driver re-queues lost shards
 class VolumeWorker:
     """Measures shards; a restarted worker rebuilds its state from the spec."""
 
-    def __init__(self, spec: dict, store_root: str):
+    def __init__(self, spec: dict, store_location: str):
+        self.store = SweepStore.at(store_location)
+        _check_store_is_visible(self.store)  # before anything slow: fail fast and clearly
         set_torch_threads()
         self.spec = SweepSpec.model_validate(spec)
-        self.store_root = store_root
         self.device = assigned_device()
         self.data = experiment_data(self.spec)
         self.loss_fn = loss_for_task(self.data.source.task)
@@ -51,7 +54,7 @@ class VolumeWorker:
             return
         self.meter = None  # free the previous pair's device memory first
         model = new_model(self.spec, self.data, seed)
-        model = load_checkpoint(model, os.path.join(self.store_root, checkpoint))
+        model.load_state_dict(self.store.read_state_dict(checkpoint))
         x, y = self.data.landscape_set(landscape_extra)
         v = self.spec.volume
         self.meter = RadiusMeter(
@@ -94,3 +97,22 @@ class VolumeWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _check_store_is_visible(store: SweepStore) -> None:
+    """Every actor reads checkpoints from the store, so the store must be reachable from
+    its node. A driver-local folder is not, on another node of a cluster: say so here,
+    with the fix, rather than with a missing-checkpoint error in the middle of a shard."""
+    try:
+        if exists(store.spec_path):
+            return
+        reason = "spec.yaml is not there"
+    except OSError as error:  # no credentials, no route to the endpoint, access denied...
+        reason = str(error)
+    node = ray.get_runtime_context().get_node_id()
+    raise RuntimeError(
+        f"node {node} ({socket.gethostname()}) cannot read the sweep store "
+        f"{store.location}: {reason}. On a multi-node cluster put --storage on a path "
+        "that every node mounts (NFS, a shared volume), or on an object-store URI such "
+        "as s3://bucket/prefix with credentials on every node."
+    )

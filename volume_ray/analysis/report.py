@@ -1,11 +1,15 @@
-"""`volume-ray report DIR`: the figures and a Markdown summary, written into the store."""
+"""`volume-ray report DIR`: the figures and a Markdown summary, written into the store's
+`report/` folder through its filesystem (figures are rendered to bytes), so a report of a
+sweep on an object store lands beside its tables."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from torch import nn
 
 from volume_ray.analysis import figures
 from volume_ray.analysis.cutoffs import cutoff_size, per_sample_losses
@@ -18,11 +22,11 @@ from volume_ray.analysis.ranks import (
 from volume_ray.analysis.slices import loss_plane
 from volume_ray.analysis.trends import scaling_table
 from volume_ray.experiment import experiment_data, new_model
+from volume_ray.locations import join, write_atomic
 from volume_ray.models import loss_for_task
 from volume_ray.results import load_table
 from volume_ray.spec import load_spec
 from volume_ray.store import SweepStore
-from volume_ray.train import load_checkpoint
 
 __all__ = ["cutoffs", "write_report"]
 
@@ -36,9 +40,7 @@ def cutoffs(spec, store: SweepStore, models: pd.DataFrame) -> pd.DataFrame:
     loss_fn = loss_for_task(data.source.task)
     rows = []
     for model in models.itertuples():
-        network = load_checkpoint(
-            new_model(spec, data, int(model.seed)), store.root / model.checkpoint
-        )
+        network = _trained(spec, data, store, model)
         losses = per_sample_losses(network, x, y, loss_fn)
         for threshold in spec.volume.thresholds:
             cut = (
@@ -51,14 +53,25 @@ def cutoffs(spec, store: SweepStore, models: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_report(sweep_dir: str | Path) -> Path:
-    """Write `report/` (PNG figures and summary.md) into the sweep folder; return it."""
-    root = Path(sweep_dir)
-    store = SweepStore(root.parent, root.name)
+def _trained(spec, data, store: SweepStore, row) -> nn.Module:
+    """The minimum of a models.parquet row, with its weights from the store."""
+    network = new_model(spec, data, int(row.seed))
+    network.load_state_dict(store.read_state_dict(row.checkpoint))
+    return network
+
+
+def _write_figure(figure, location: Path | str) -> None:
+    write_atomic(location, lambda sink: figure.savefig(sink, format="png", dpi=110))
+    plt.close(figure)
+
+
+def write_report(sweep_dir: str | os.PathLike) -> Path | str:
+    """Write `report/` (PNG figures and summary.md) into the sweep folder, a path or a
+    URI; return its location (a `Path` for a local sweep)."""
+    store = SweepStore.at(sweep_dir)
     spec = load_spec(store.recorded_spec())
-    models, volumes, radii = (load_table(root, t) for t in ("models", "volumes", "radii"))
-    out = root / "report"
-    out.mkdir(exist_ok=True)
+    models, volumes, radii = (load_table(store.root, t) for t in ("models", "volumes", "radii"))
+    out = join(store.root, "report")
     base = int(volumes.landscape_size.min())
     cut = cutoffs(spec, store, models)
     drawn = []
@@ -78,15 +91,14 @@ def write_report(sweep_dir: str | Path) -> Path:
             "radii": figures.radius_distributions(radii, threshold, base),
         }
         for name, figure in plots.items():
-            figure.savefig(out / f"{name}_{tag}.png", dpi=110)
-            plt.close(figure)
+            _write_figure(figure, join(out, f"{name}_{tag}.png"))
             drawn.append(f"{name}_{tag}.png")
     figure = _slice_through_three_minima(spec, store, models)
     if figure is not None:
-        figure.savefig(out / "loss_slice.png", dpi=110)
-        plt.close(figure)
+        _write_figure(figure, join(out, "loss_slice.png"))
         drawn.append("loss_slice.png")
-    (out / "summary.md").write_text(_summary(spec, models, volumes, radii, cut, drawn))
+    summary = _summary(spec, models, volumes, radii, cut, drawn).encode()
+    write_atomic(join(out, "summary.md"), lambda sink: sink.write(summary))
     return out
 
 
@@ -99,10 +111,7 @@ def _slice_through_three_minima(spec, store: SweepStore, models: pd.DataFrame):
         return None
     chosen = chosen.iloc[[0, len(chosen) // 2, len(chosen) - 1]]
     data = experiment_data(spec)
-    minima = [
-        load_checkpoint(new_model(spec, data, int(row.seed)), store.root / row.checkpoint)
-        for row in chosen.itertuples()
-    ]
+    minima = [_trained(spec, data, store, row) for row in chosen.itertuples()]
     a, b, losses = loss_plane(minima, data.base_x, data.base_y, loss_for_task(data.source.task))
     return figures.loss_slice(a, b, losses, [f"n={size}" for size in chosen.train_size])
 
