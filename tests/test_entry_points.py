@@ -66,6 +66,7 @@ def test_demo_rejects_bad_numbers(capsys):
         ("bench_radius_search.py", "speed-up per direction"),
         ("bench_training.py", "samples/s"),
         ("bench_workers.py", "per-shard overhead"),
+        ("bench_cluster.py", "overhead of crossing nodes"),
     ],
 )
 def test_benchmarks_run(script, prints):
