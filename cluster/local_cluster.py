@@ -5,7 +5,7 @@ path (and testing it) without a cloud account.
     python cluster/local_cluster.py up --workers 2      # head + 2 worker nodes
     eval "$(python cluster/local_cluster.py env)"       # RAY_ADDRESS, token, dashboard
     volume-ray run sweeps/digits_data_scaling.yaml --smoke --address "$RAY_ADDRESS"
-    python cluster/local_cluster.py stop-node 1         # lose worker node 1
+    python cluster/local_cluster.py stop-node 1         # lose worker node 1 (--kill: SIGKILL)
     python cluster/local_cluster.py down                # stop what `up` started
 
 Every node is a real `ray start --block`, launched in a session of its own, so the
@@ -31,6 +31,8 @@ import json
 import os
 import re
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,37 +57,55 @@ def _bytes(text: str) -> int:
     return int(float(match.group(1)) * units[(match.group(2) or "").lower()])
 
 
-def _free_port() -> int:
-    """A port the OS considers free now (ephemeral range, clear of Ray's worker ports)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports the OS considers free now (its ephemeral range, clear of
+    Ray's worker ports), all held open together so none is handed out twice."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
-def _node_ports() -> dict[str, int]:
-    """The ports two Ray nodes on one host would otherwise both take by default."""
-    names = [
-        "metrics-export-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "runtime-env-agent-port",
-    ]
-    return {name: _free_port() for name in names}
+# The ports two Ray nodes on one host would otherwise both take by default.
+NODE_PORTS = [
+    "metrics-export-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+]
 
 
-def _session_members(session: int) -> list[int]:
-    """Processes whose session id is `session` (Linux /proc)."""
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after "pid (comm)", or None if there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _started(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot): with the pid, a process's identity."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def node_processes(node: dict) -> list[int]:
+    """The live processes of a node this script started: those of its session. If the
+    session's leader pid now belongs to a newer process, the session is gone (Linux
+    never reuses a pid still in use as a session id), so nothing is ours."""
+    session = node["session"]
+    leader_started = _started(session)
+    if leader_started is not None and leader_started != node["started"]:
+        return []
     members = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # exited while we looked
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        state, sid = fields[0], int(fields[3])
-        if sid == session and state != "Z":
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields and int(fields[3]) == session and fields[0] != "Z":
             members.append(int(entry.name))
     return members
 
@@ -96,21 +116,25 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def stop_session(session: int) -> int:
-    """SIGTERM every process of the node's session, SIGKILL what is left after a grace
-    period; return how many processes there were."""
-    members = _session_members(session)
-    _signal_all(members, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while _session_members(session) and time.monotonic() < deadline:
+def stop_node_processes(node: dict, *, grace_s: float = STOP_GRACE_S) -> int:
+    """SIGTERM every process of the node (none with grace_s=0), SIGKILL what is left after
+    the grace period; return how many processes there were."""
+    members = node_processes(node)
+    if grace_s:
+        _signal_all(members, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while node_processes(node) and time.monotonic() < deadline:
         time.sleep(0.2)
-    _signal_all(_session_members(session), signal.SIGKILL)
-    while _session_members(session):
+    _signal_all(node_processes(node), signal.SIGKILL)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while (left := node_processes(node)) and time.monotonic() < deadline:
         time.sleep(0.1)
+    if left:
+        raise SystemExit(f"{node['name']}: processes {left} survived SIGKILL (stuck in I/O?)")
     return len(members)
 
 
-def _start_node(args: list[str], log: Path, env: dict[str, str]) -> int:
+def _start_node(args: list[str], log: Path, env: dict[str, str]) -> dict:
     """`ray start ... --block` in a new session; wait until it reports the node up."""
     with open(log, "wb") as sink:
         process = subprocess.Popen(
@@ -121,14 +145,15 @@ def _start_node(args: list[str], log: Path, env: dict[str, str]) -> int:
             env=env,
             start_new_session=True,
         )
+    node = {"session": process.pid, "started": _started(process.pid)}
     deadline = time.monotonic() + START_TIMEOUT_S
     while STARTED_MARK not in log.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
-            stop_session(process.pid)
+            stop_node_processes({**node, "name": log.stem})
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise SystemExit(f"ray start failed (log {log}):\n{tail}")
         time.sleep(0.2)
-    return process.pid
+    return node
 
 
 def _node_args(
@@ -166,6 +191,7 @@ def _token_env(folder: Path) -> dict[str, str]:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]}
     token = folder / "auth_token"
     token.touch(mode=0o600)
+    token.chmod(0o600)  # an older file keeps its mode through touch
     token.write_text(secrets.token_hex(32))
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
 
@@ -173,7 +199,7 @@ def _token_env(folder: Path) -> dict[str, str]:
 def up(options: argparse.Namespace) -> None:
     folder = Path(options.dir).resolve()
     if (folder / STATE_FILE).exists() and any(
-        _session_members(n["session"]) for n in _read_state(folder)["nodes"]
+        node_processes(n) for n in _read_state(folder)["nodes"]
     ):
         raise SystemExit(f"a local cluster from {folder} is still running; run `down` first")
     folder.mkdir(parents=True, exist_ok=True)
@@ -182,7 +208,9 @@ def up(options: argparse.Namespace) -> None:
     auth = _token_env(folder)
     env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()
+    nodes = options.workers + 1
+    ports = iter(_free_ports(3 + nodes * len(NODE_PORTS)))
+    gcs_port, dashboard_port, client_port = next(ports), next(ports), next(ports)
     address = f"127.0.0.1:{gcs_port}"
     state = {
         "address": address,
@@ -192,11 +220,11 @@ def up(options: argparse.Namespace) -> None:
         "nodes": [],
     }
     try:
-        for index in range(options.workers + 1):
+        for index in range(nodes):
             head = index == 0
-            ports = _node_ports()
+            own_ports = {name: next(ports) for name in NODE_PORTS}
             cpus = options.head_cpus if head else options.cpus
-            args = _node_args(options, index, cpus, ports)
+            args = _node_args(options, index, cpus, own_ports)
             if head:
                 args += [
                     "--head",
@@ -209,21 +237,21 @@ def up(options: argparse.Namespace) -> None:
             else:
                 args.append(f"--address={address}")
             name = "head" if head else f"worker-{index}"
-            session = _start_node(args, folder / f"{name}.log", env)
+            node = _start_node(args, folder / f"{name}.log", env)
             state["nodes"].append(
                 {
                     "name": name,
-                    "session": session,
-                    "metrics_port": ports["metrics-export-port"],
+                    **node,
+                    "metrics_port": own_ports["metrics-export-port"],
                     "log": str(folder / f"{name}.log"),
                 }
             )
             _write_state(folder, state)  # so `down` can stop a half-started cluster
     except BaseException:
         for node in reversed(state["nodes"]):
-            stop_session(node["session"])
+            stop_node_processes(node)
         raise
-    print(f"local cluster up: {options.workers + 1} nodes at {address}")
+    print(f"local cluster up: {nodes} nodes at {address}")
     print(f"dashboard {state['dashboard']}; metrics on ports", end=" ")
     print(", ".join(str(n["metrics_port"]) for n in state["nodes"]))
     print(f'connect with: eval "$(python {sys.argv[0]} env --dir {folder})"')
@@ -238,7 +266,7 @@ def env(options: argparse.Namespace) -> None:
         **state["auth"],
     }
     for key, value in exports.items():
-        print(f"export {key}={value}")
+        print(f"export {key}={shlex.quote(value)}")
 
 
 def stop_node(options: argparse.Namespace) -> None:
@@ -249,16 +277,17 @@ def stop_node(options: argparse.Namespace) -> None:
     if name not in names[1:]:
         raise SystemExit(f"no node {name}; the cluster has {names}")
     node = state["nodes"][names.index(name)]
-    print(f"{name}: stopped {stop_session(node['session'])} processes")
+    stopped = stop_node_processes(node, grace_s=0 if options.kill else STOP_GRACE_S)
+    print(f"{name}: {'killed' if options.kill else 'stopped'} {stopped} processes")
 
 
 def down(options: argparse.Namespace) -> None:
     folder = Path(options.dir).resolve()
     state = _read_state(folder)
-    stopped = sum(stop_session(n["session"]) for n in reversed(state["nodes"]))
+    stopped = sum(stop_node_processes(n) for n in reversed(state["nodes"]))
     print(f"local cluster down: stopped {stopped} processes")
     (folder / STATE_FILE).unlink()
-    subprocess.run(["rm", "-rf", state["ray_temp"]], check=False)
+    shutil.rmtree(state["ray_temp"], ignore_errors=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -274,7 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--gpus-per-node", type=int, default=0)
     start.add_argument("--memory", type=_bytes, default=_bytes("2GiB"), help="per node")
     start.add_argument("--object-store-memory", type=_bytes, default=_bytes("256MiB"))
-    commands.choices["stop-node"].add_argument("index", type=int, help="worker node, from 1")
+    lose = commands.choices["stop-node"]
+    lose.add_argument("index", type=int, help="worker node, from 1")
+    lose.add_argument("--kill", action="store_true", help="SIGKILL at once, as a lost machine")
     return parser
 
 

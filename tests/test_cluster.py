@@ -8,8 +8,10 @@ one takes a node away.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -74,17 +76,21 @@ def _python(code: str, env: dict) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-c", code], env, timeout=120)
 
 
-def _session_members(session: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = entry.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        if int(fields[3]) == session and fields[0] != "Z":
-            found.append(int(entry.parent.name))
-    return found
+def _load_script():
+    """cluster/local_cluster.py as a module: the tests check its own notion of a node's
+    processes rather than a copy of it."""
+    spec = importlib.util.spec_from_file_location("local_cluster", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+local_cluster = _load_script()
+
+
+def _alive(pid: int) -> bool:
+    fields = local_cluster._stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -97,29 +103,34 @@ def cluster(tmp_path_factory):
         "RAY_health_check_failure_threshold": "3",
     }
     bystander = subprocess.Popen(["sleep", "600"], start_new_session=True)
-    up = _run([sys.executable, SCRIPT, "up", "--workers", 2, "--dir", folder], node_env)
-    assert up.returncode == 0, up.stdout + up.stderr
-    state = json.loads((folder / "cluster.json").read_text())
-    env = _client_env(state["auth"])
-    listed = _python(
-        "import json, ray\n"
-        f"ray.init(address={state['address']!r}, log_to_driver=False)\n"
-        "print(json.dumps({n['NodeID']: n['MetricsExportPort'] for n in ray.nodes() "
-        "if n['Alive']}))",
-        env,
-    )
-    assert listed.returncode == 0, listed.stderr
-    ports = json.loads(listed.stdout.strip().splitlines()[-1])
-    names = {n["metrics_port"]: n["name"] for n in state["nodes"]}
-    nodes = {i: {"name": names[p], "metrics_port": p} for i, p in ports.items()}
-    assert sorted(n["name"] for n in nodes.values()) == ["head", "worker-1", "worker-2"]
-    yield LocalCluster(folder, state["address"], state["dashboard"], env, nodes)
-    sessions = [n["session"] for n in state["nodes"]]
-    down = _run([sys.executable, SCRIPT, "down", "--dir", folder], node_env)
-    assert down.returncode == 0, down.stderr
-    assert not any(_session_members(s) for s in sessions)  # everything it started is gone
-    assert bystander.poll() is None  # and nothing else
-    bystander.kill()
+    try:
+        up = _run([sys.executable, SCRIPT, "up", "--workers", 2, "--dir", folder], node_env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((folder / "cluster.json").read_text())
+        started = [p for node in state["nodes"] for p in local_cluster.node_processes(node)]
+        assert len(started) >= 3 * 3  # a raylet, agents and more per node
+        try:
+            env = _client_env(state["auth"])
+            listed = _python(
+                "import json, ray\n"
+                f"ray.init(address={state['address']!r}, log_to_driver=False)\n"
+                "print(json.dumps({n['NodeID']: n['MetricsExportPort'] for n in ray.nodes() "
+                "if n['Alive']}))",
+                env,
+            )
+            assert listed.returncode == 0, listed.stderr
+            ports = json.loads(listed.stdout.strip().splitlines()[-1])
+            names = {n["metrics_port"]: n["name"] for n in state["nodes"]}
+            nodes = {i: {"name": names[p], "metrics_port": p} for i, p in ports.items()}
+            assert sorted(n["name"] for n in nodes.values()) == ["head", "worker-1", "worker-2"]
+            yield LocalCluster(folder, state["address"], state["dashboard"], env, nodes)
+        finally:
+            down = _run([sys.executable, SCRIPT, "down", "--dir", folder], node_env)
+            assert down.returncode == 0, down.stderr
+        assert not any(_alive(pid) for pid in started)  # everything it started is gone
+        assert bystander.poll() is None  # and nothing else
+    finally:
+        bystander.kill()
 
 
 def _write_spec(folder: Path, spec: dict) -> Path:
@@ -174,7 +185,7 @@ def test_custom_metrics_are_on_every_node_metrics_endpoint(cluster, spread_store
         "ray_volume_ray_shard_seconds_count",
         "ray_volume_ray_latest_radius",
     }
-    deadline = time.time() + 60
+    deadline = time.monotonic() + 60
     while True:  # metrics reach the endpoint on each agent's next report (and a gauge
         # of a finished actor is dropped a while later: this test runs right after)
         per_node = {i: _scrape(n["metrics_port"]) for i, n in cluster.nodes.items()}
@@ -185,7 +196,7 @@ def test_custom_metrics_are_on_every_node_metrics_endpoint(cluster, spread_store
                 key = (s.labels["model"], int(s.labels["landscape"]))
                 measured[key] = measured.get(key, 0) + s.value
         complete = measured == expected and names <= {s.name for s in samples}
-        if complete and all(per_node.values()) or time.time() > deadline:
+        if complete and all(per_node.values()) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert measured == expected  # summed over the nodes: every direction counted once
@@ -228,6 +239,22 @@ def test_a_process_without_the_token_is_refused(cluster, tmp_path):
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr  # the token opens it
 
 
+def test_a_store_some_node_cannot_read_is_refused_before_any_work(cluster, tmp_path):
+    missing = tmp_path / "nowhere"  # no spec.yaml there: no node can read it as a store
+    checked = _python(
+        "import ray\n"
+        "from volume_ray.driver import check_store_from_every_node\n"
+        "from volume_ray.store import SweepStore\n"
+        f"ray.init(address={cluster.address!r}, log_to_driver=False)\n"
+        f"check_store_from_every_node(SweepStore({str(missing)!r}, 'sweep'))",
+        cluster.env,
+    )
+    assert checked.returncode != 0
+    message = checked.stderr.strip().splitlines()[-1]
+    assert "cannot read the sweep store" in message and "(and 2 more node(s))" in message
+    assert any(node_id in message for node_id in cluster.nodes)  # it names the node
+
+
 def test_losing_a_worker_node_mid_measure_loses_and_duplicates_nothing(cluster, tmp_path):
     spec_path = _write_spec(tmp_path, LONG)
     where = ["--address", cluster.address, "--storage", tmp_path]
@@ -239,15 +266,20 @@ def test_losing_a_worker_node_mid_measure_loses_and_duplicates_nothing(cluster, 
         [str(c) for c in ["volume-ray", "measure", spec_path, *where]],
         env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    deadline = time.time() + 120
-    while _shard_nodes(store).count(victim) < 5 and time.time() < deadline:
-        time.sleep(0.2)
-    shards_before = len(_shard_nodes(store))
-    stop = _run([sys.executable, SCRIPT, "stop-node", "2", "--dir", cluster.folder], cluster.env)
-    assert stop.returncode == 0, stop.stderr
-    output, _ = measuring.communicate(timeout=600)
+    try:
+        deadline = time.monotonic() + 120
+        while _shard_nodes(store).count(victim) < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shards_before = len(_shard_nodes(store))
+        lose = [sys.executable, SCRIPT, "stop-node", "2", "--kill", "--dir", cluster.folder]
+        stop = _run(lose, cluster.env)  # SIGKILL to the whole node: a machine gone
+        assert stop.returncode == 0, stop.stderr
+        output, _ = measuring.communicate(timeout=600)
+    finally:
+        measuring.kill()
     assert measuring.returncode == 0, output[-3000:]
     assert shards_before < 3 * 100  # the node went while shards were still to do
+    assert re.search(r"re-queued [1-9]\d* shard", output), output[-3000:]  # its shard(s)
 
     nodes = _shard_nodes(store)
     assert len(nodes) == 3 * 100 and victim in nodes  # every shard, once

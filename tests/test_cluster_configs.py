@@ -430,6 +430,9 @@ def test_the_rayjob_runs_an_existing_sweep_and_shuts_down():
     assert re.fullmatch(r"sweeps/[\w.-]+\.yaml", words[2]), words
     assert (ROOT / words[2]).is_file(), f"{words[2]} is not a sweep of this repository"
     assert "--storage" in words and words.index("--storage") + 1 < len(words)
+    # GPU workers start at zero: resources "auto" would see no GPU and train on CPUs
+    gpus = words[words.index("--gpus-per-worker") + 1]
+    assert float(gpus) > 0 and int(words[words.index("--workers") + 1]) > 0
     assert spec["shutdownAfterJobFinishes"] is True
     mode = spec["submissionMode"]  # set on purpose, not left to the default
     assert mode in {"K8sJobMode", "HTTPMode", "SidecarMode"}

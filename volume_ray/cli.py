@@ -31,7 +31,13 @@ def _spec(args: argparse.Namespace):
     from volume_ray.spec import load_spec, smoke_variant
 
     spec = load_spec(args.spec)
-    return smoke_variant(spec) if args.smoke else spec
+    spec = smoke_variant(spec) if args.smoke else spec
+    chosen = {"workers": args.workers, "gpus_per_worker": args.gpus_per_worker}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
+    if chosen:  # resources never change results, so a run may pick its own
+        raw = spec.model_dump(mode="json")
+        spec = load_spec({**raw, "resources": {**raw["resources"], **chosen}})
+    return spec
 
 
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
@@ -93,6 +99,9 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"  trials    {len(trials)}: {len(spec.dataset.extra_sizes)} sizes x "
           f"{len(spec.train.batch_sizes)} batch sizes x {len(spec.train.optimizers)} optimizers "
           f"x {len(spec.train.sam_rhos)} SAM rhos x {len(spec.train.seeds)} seeds")  # fmt: skip
+    r = spec.resources
+    print(f"  resources workers {r.workers}, GPUs per worker {r.gpus_per_worker}, "
+          f"CPUs per trial {r.cpus_per_trial}")  # fmt: skip
     print(f"  pairs     {len(pairs)} (model, landscape)")
     print(f"  measuring {v.directions} directions per pair, seed {v.seed}, {len(v.thresholds)} "
           f"{v.metric} thresholds {v.thresholds}, {v.search} search; {shards} shards")  # fmt: skip
@@ -203,10 +212,12 @@ def _parser() -> argparse.ArgumentParser:
             "such as s3://bucket/prefix",
         )  # fmt: skip
         command.add_argument("--address", default=None, help="Ray cluster to join")
+        _resource_options(command)
         command.set_defaults(run=lambda args, stages=stages: _run(args, stages))
     validate = commands.add_parser("validate", help="check a spec and print its plan")
     validate.add_argument("spec")
     validate.add_argument("--smoke", action="store_true", help="the small form (see spec)")
+    _resource_options(validate)
     validate.set_defaults(run=_validate)
     status = commands.add_parser("status", help="what a sweep's store holds")
     status.add_argument("dir", help=SWEEP_DIR_HELP)
@@ -231,6 +242,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results/demo", help="folder for the Parquet tables")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _resource_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--workers", type=_auto_or(int), default=None,
+        help="measuring actors (overrides resources.workers; 'auto' counts the cluster's "
+        "GPUs or CPUs now, so an autoscaling cluster that starts empty needs a number)",
+    )  # fmt: skip
+    command.add_argument(
+        "--gpus-per-worker", type=_auto_or(float), default=None,
+        help="GPUs per trial and per measuring actor (overrides resources.gpus_per_worker)",
+    )  # fmt: skip
+
+
+def _auto_or(cast):
+    """An argparse type: 'auto', or a value of `cast` (the spec checks its range)."""
+
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+
+    return parse
 
 
 def _positive_int(text: str) -> int:

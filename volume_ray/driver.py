@@ -9,6 +9,7 @@ reproduce it exactly.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from volume_ray.data.subsets import landscapes_use_extras
@@ -23,18 +25,22 @@ from volume_ray.estimators import VOLUME_COLUMNS, volume_table
 from volume_ray.experiment import gpus_each, with_absolute_root
 from volume_ray.spec import Pair, SweepSpec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
-from volume_ray.workers import VolumeWorker
+from volume_ray.workers import VolumeWorker, store_problem
 
 __all__ = [
     "MeasureStats",
     "Shard",
     "aggregate_stage",
+    "check_store_from_every_node",
     "measure_stage",
     "pending_shards",
     "run_sweep",
 ]
 
 VOLUME_TABLE_COLUMNS = ["model_id", "landscape_size", *VOLUME_COLUMNS]
+WAIT_NOTICE_S = 60  # say so when nothing finished for this long (actors restarting)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int
     trial_of = {m: t for t in trials for m in t.model_ids(spec.train.checkpoint_epochs)}
     uses_extras = landscapes_use_extras(spec.dataset.extra_kind)
     rows_per_direction = len(spec.volume.thresholds)
+    written = store.written_shards()
     shards, total = [], 0
     for pair in plan_pairs(spec, trials, uses_extras):
         if pair.model_id not in checkpoints:  # not trained yet
@@ -66,8 +73,11 @@ def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int
         for start in range(0, spec.volume.directions, spec.volume.shard_size):
             count = min(spec.volume.shard_size, spec.volume.directions - start)
             total += 1
-            path = store.shard_path(pair.model_id, pair.landscape_size, start, count)
-            if not store.shard_is_complete(path, count * rows_per_direction):
+            where = (pair.model_id, pair.landscape_size, start, count)
+            done = store.shard_name(*where) in written and store.shard_is_complete(
+                store.shard_path(*where), count * rows_per_direction
+            )
+            if not done:
                 shards.append(Shard(pair, trial.seed, checkpoints[pair.model_id], start, count))
     return shards, total
 
@@ -88,11 +98,12 @@ def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
 @dataclass(frozen=True)
 class MeasureStats:
     """What one measuring stage did: shards measured, seconds until every actor was
-    ready (process start, imports, data), then seconds spent measuring."""
+    ready (process start, imports, data), seconds spent measuring, and shards re-queued."""
 
     shards: int
     startup_seconds: float
     measure_seconds: float
+    requeued: int = 0  # shards whose actor was lost, measured again by another
 
 
 def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> MeasureStats:
@@ -130,9 +141,10 @@ def _dispatch(
 
     An actor lost with its node (or killed) fails its shard at once: the shard goes
     back to the front of its queue for whichever actor is free next, and the lost
-    actor is pinged; Ray restarts it where resources allow, and the answered ping
-    puts it back to work. Only the driver writes shards, so a lost task leaves
-    nothing behind and no shard is written twice."""
+    actor is pinged. The ping waits through Ray's restart of the actor (which needs
+    free resources) and puts it back to work; a ping that fails means the restarts
+    are used up. Only the driver writes shards, so a lost task leaves nothing behind
+    and no shard is written twice."""
     ready = time.perf_counter()
     waiting: dict[Pair, deque[Shard]] = {}  # per pair, in order: an actor keeps its pair
     for shard in shards:
@@ -166,6 +178,7 @@ def _dispatch(
     bar = tqdm(
         total=sum(s.count for s in shards), unit="dir", desc="measuring", disable=not progress
     )
+    requeued, lost_for_good = 0, None
     try:
         while waiting or any(shard for _, shard in running.values()):
             while idle and waiting:
@@ -174,17 +187,23 @@ def _dispatch(
                 raise RuntimeError(
                     "every VolumeWorker is lost and cannot be restarted; the finished shards "
                     "are kept: rerun the same command to measure the rest"
-                )
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            actor, shard = running.pop(ref)
+                ) from lost_for_good
+            done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_NOTICE_S)
+            if not done:
+                restarting = sum(shard is None for _, shard in running.values())
+                if restarting:
+                    log.warning("%d measuring actor(s) wait for resources to restart", restarting)
+                continue
+            actor, shard = running.pop(done[0])
             try:
-                result = ray.get(ref)
+                result = ray.get(done[0])
             except ray.exceptions.RayActorError as error:
-                if shard is not None:
+                if shard is None:  # the ping outlived every restart: this actor is gone
+                    lost_for_good = error
+                else:  # lost with its actor: back to the front of its queue
                     waiting.setdefault(shard.pair, deque()).appendleft(shard)
-                gone = isinstance(error, ray.exceptions.ActorDiedError) and shard is None
-                if not gone:  # a died ping means its restarts are used up
-                    running[actors[actor].pid.remote()] = (actor, None)
+                    requeued += 1
+                    running[actors[actor].pid.remote()] = (actor, None)  # back when restarted
                 continue
             if shard is not None:
                 _write_shard(store, shard, *result)
@@ -192,7 +211,9 @@ def _dispatch(
             idle.append(actor)
     finally:
         bar.close()
-    return MeasureStats(len(shards), ready - began, time.perf_counter() - ready)
+    if requeued:
+        log.warning("re-queued %d shard(s) of lost measuring actors; all measured", requeued)
+    return MeasureStats(len(shards), ready - began, time.perf_counter() - ready, requeued)
 
 
 def _write_shard(store: SweepStore, shard: Shard, columns: dict, facts: dict) -> None:
@@ -241,6 +262,25 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def check_store_from_every_node(store: SweepStore) -> None:
+    """On a cluster, ask every node whether it can read the store before any work
+    starts: a folder only the driver sees fails here, naming the node, not after the
+    training stage. (Nodes an autoscaler adds later are checked by their actors.)"""
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:
+        return
+    probes = [
+        store_problem.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote(store.location)
+        for node in nodes
+    ]
+    problems = [problem for problem in ray.get(probes) if problem]
+    if problems:
+        others = f" (and {len(problems) - 1} more node(s))" if len(problems) > 1 else ""
+        raise RuntimeError(problems[0] + others)
+
+
 def run_sweep(
     spec: SweepSpec,
     storage: str,
@@ -259,6 +299,7 @@ def run_sweep(
     spec = with_absolute_root(spec)  # what trials and actors get; the store keeps the original
     started = connect(address)
     try:
+        check_store_from_every_node(store)
         if "train" in stages:
             train_stage(spec, store, progress=progress, **train_options)
         if "measure" in stages:

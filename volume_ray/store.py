@@ -39,7 +39,16 @@ from volume_ray.locations import (
     write_atomic,
 )
 
-__all__ = ["SweepStore", "write_table"]
+__all__ = ["SweepStore", "read_tensors", "write_table"]
+
+
+def read_tensors(location: Location) -> dict:
+    """A torch file of tensors and plain values (a state dict, a training state), local
+    or at a URI, loaded with `weights_only`: never pickled code."""
+    import torch  # the store is also read where torch is not needed
+
+    data = read_bytes(location)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def write_table(
@@ -111,12 +120,9 @@ class SweepStore:
 
     def read_state_dict(self, checkpoint: str) -> dict:
         """The state dict at `checkpoint`, relative to the sweep folder as in
-        models.parquet: read as bytes through the store's filesystem, so it works on any
-        node that sees the store; tensors only (`weights_only`), never pickled code."""
-        import torch  # the store is also read where torch is not needed
-
-        data = read_bytes(join(self.root, *checkpoint.split("/")))
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        models.parquet, read through the store's filesystem: any node that sees the
+        store can load it."""
+        return read_tensors(join(self.root, *checkpoint.split("/")))
 
     def write_model_row(self, row: dict) -> None:
         write_table(pd.DataFrame([row]), join(self.model_rows, f"{row['model_id']}.parquet"))
@@ -140,8 +146,12 @@ class SweepStore:
 
     # -- radii shards -----------------------------------------------------------------
 
+    @staticmethod
+    def shard_name(model_id: str, landscape_size: int, start: int, count: int) -> str:
+        return f"{model_id}__L{landscape_size}__d{start:07d}-{count}.parquet"
+
     def shard_path(self, model_id: str, landscape_size: int, start: int, count: int) -> Location:
-        return join(self.radii, f"{model_id}__L{landscape_size}__d{start:07d}-{count}.parquet")
+        return join(self.radii, self.shard_name(model_id, landscape_size, start, count))
 
     def shard_is_complete(self, path: Location, rows: int) -> bool:
         """A readable shard with the rows it should hold. Anything else (missing, a
@@ -151,6 +161,12 @@ class SweepStore:
             return pq.read_metadata(where, filesystem=filesystem).num_rows == rows
         except (OSError, pa.ArrowInvalid):
             return False
+
+    def written_shards(self) -> set[str]:
+        """File names in `radii/`, from one listing: on an object store, looking up
+        10,000 missing shards one by one would cost 10,000 requests."""
+        _, files = list_files(self.radii, ".parquet")
+        return {posixpath.basename(path) for path in files}
 
     def read_radii(self) -> pd.DataFrame:
         filesystem, files = list_files(self.radii, ".parquet")

@@ -11,7 +11,6 @@ store), so a trial resumes on any node.
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import tempfile
@@ -32,10 +31,10 @@ from volume_ray.experiment import (
     new_model,
     set_torch_threads,
 )
-from volume_ray.locations import join, locate, read_bytes
+from volume_ray.locations import join, locate
 from volume_ray.models import count_parameters, loss_for_task
 from volume_ray.spec import SweepSpec, Trial, checkpoint_id, plan_trials
-from volume_ray.store import SweepStore
+from volume_ray.store import SweepStore, read_tensors
 from volume_ray.train import TrainConfig, evaluate, save_checkpoint, train
 
 __all__ = ["resumable_states", "train_stage", "train_trial"]
@@ -64,10 +63,10 @@ def train_trial(config: dict) -> None:
     resume, kept = None, {}  # kept: epoch -> (weights, metrics) for checkpoint_epochs
     if (saved := tune.get_checkpoint()) is not None:  # a retry within this run
         with saved.as_directory() as folder:
-            resume = _load_state((Path(folder) / "state.pt").read_bytes())
+            resume = read_tensors(Path(folder) / "state.pt")
     elif earlier := config.get("resume_states", {}).get(trial.model_id):  # an earlier run's
         try:
-            resume = _load_state(read_bytes(earlier))
+            resume = read_tensors(earlier)
         except (OSError, RuntimeError, EOFError) as error:  # cut off while it was written
             warnings.warn(f"{trial.model_id}: trains from epoch 0, {earlier} is unreadable "
                           f"({error})", stacklevel=1)  # fmt: skip
@@ -109,33 +108,27 @@ def train_trial(config: dict) -> None:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _load_state(data: bytes) -> dict:
-    """A resumable training state: tensors and plain values only (`weights_only`)."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
 def resumable_states(store: SweepStore) -> dict[str, str]:
     """model id -> location of the newest resumable state that an earlier, unfinished
     run of this sweep left in `<store>/tune` (a lost cluster, a killed driver), so that
-    its trial goes on from there rather than from epoch 0. Tune keeps one state per
-    trial folder (`checkpoint_*/state.pt`) beside the trial's `params.json`."""
+    its trial goes on from there rather than from epoch 0. Trial folders are named by
+    model id (`_trial_folder`), each holding its latest `checkpoint_*/state.pt`."""
     filesystem, root = locate(store.tune)
     selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
     newest: dict[str, tuple[int, str]] = {}
     for info in filesystem.get_file_info(selector):
-        if info.base_name != "state.pt":
-            continue
-        trial_folder = posixpath.dirname(posixpath.dirname(info.path))
         relative = posixpath.relpath(info.path, root).split("/")
-        try:
-            with filesystem.open_input_stream(f"{trial_folder}/params.json") as source:
-                model_id = json.loads(source.read())["trial"]["model_id"]
-        except (OSError, KeyError, ValueError):  # not a trial of ours, or half written
+        if len(relative) != 4 or relative[-1] != "state.pt":  # run/trial/checkpoint/state
             continue
-        stamp = info.mtime_ns or 0
+        model_id, stamp = relative[1], info.mtime_ns or 0
         if model_id not in newest or stamp > newest[model_id][0]:
             newest[model_id] = (stamp, str(join(store.tune, *relative)))
     return {model_id: location for model_id, (_, location) in newest.items()}
+
+
+def _trial_folder(trial) -> str:
+    """A Tune trial's folder: its model id, which a later run looks for."""
+    return trial.config["trial"]["model_id"]
 
 
 class _StoreFinishedModels(tune.Callback):
@@ -199,7 +192,7 @@ def train_stage(
                 "trial": tune.grid_search([asdict(t) for t in todo]),
                 "resume_states": resumable_states(store),
             },
-            tune_config=tune.TuneConfig(reuse_actors=False),
+            tune_config=tune.TuneConfig(reuse_actors=False, trial_dirname_creator=_trial_folder),
             run_config=tune.RunConfig(
                 name=f"train-{int(time.time())}",
                 # a URI goes to Tune as it is: trials upload their states through it

@@ -17,7 +17,7 @@ from volume_ray.models import loss_for_task
 from volume_ray.spec import SweepSpec
 from volume_ray.store import SweepStore
 
-__all__ = ["VolumeWorker"]
+__all__ = ["VolumeWorker", "check_store_is_visible", "store_problem"]
 
 
 @ray.remote(max_restarts=5, max_task_retries=0)  # the driver re-queues lost shards
@@ -26,7 +26,7 @@ class VolumeWorker:
 
     def __init__(self, spec: dict, store_location: str):
         self.store = SweepStore.at(store_location)
-        _check_store_is_visible(self.store)  # before anything slow: fail fast and clearly
+        check_store_is_visible(self.store)  # before anything slow: fail fast and clearly
         set_torch_threads()
         self.spec = SweepSpec.model_validate(spec)
         self.device = assigned_device()
@@ -95,11 +95,22 @@ class VolumeWorker:
         }
         return frame.to_dict("list"), facts
 
+    @ray.method(max_task_retries=-1)  # a ping waits for a restart, fails only past the last
     def pid(self) -> int:
         return os.getpid()
 
 
-def _check_store_is_visible(store: SweepStore) -> None:
+@ray.remote(num_cpus=0)
+def store_problem(location: str) -> str | None:
+    """Why this node cannot read the store at `location`, or None if it can."""
+    try:
+        check_store_is_visible(SweepStore.at(location))
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def check_store_is_visible(store: SweepStore) -> None:
     """Every actor reads checkpoints from the store, so the store must be reachable from
     its node. A driver-local folder is not, on another node of a cluster: say so here,
     with the fix, rather than with a missing-checkpoint error in the middle of a shard."""
