@@ -43,12 +43,18 @@ SCRIPT = Path(__file__).resolve().parents[1] / "cluster" / "local_cluster.py"
 OVERHEAD_TARGET = 0.05  # shard overhead as a fraction of measuring time
 
 
-def local_cluster(command: str, folder: Path, *options: str) -> None:
-    subprocess.run(
+def local_cluster(command: str, folder: Path, *options: str) -> subprocess.Popen:
+    """cluster/local_cluster.py COMMAND, started; `finish` waits for it."""
+    return subprocess.Popen(
         [sys.executable, str(SCRIPT), command, "--dir", str(folder), *options],
-        check=True,
         stdout=subprocess.DEVNULL,
     )
+
+
+def finish(*commands: subprocess.Popen) -> None:
+    for command in commands:
+        if command.wait() != 0:
+            raise SystemExit(f"{' '.join(command.args)} failed")
 
 
 def address(folder: Path) -> str:
@@ -100,7 +106,7 @@ def main() -> None:
             "name": "bench-nodes",
             "dataset": {"name": "digits", "base_size": 1000, "extra_sizes": [0]},
             "model": {"name": "mlp", "hidden": [32] if args.smoke else [256, 256]},
-            "train": {"epochs": 200 if args.smoke else 3000, "target_loss": 0.001, "lr": 0.001},
+            "train": {"epochs": 100 if args.smoke else 3000, "target_loss": 0.001, "lr": 0.001},
             "volume": {"directions": big_directions, "shard_size": 32},
         }
     )
@@ -123,8 +129,10 @@ def main() -> None:
     two_nodes, one_node = work / "two-nodes", work / "one-node"
     storage = str(work / "store")
     try:
-        local_cluster("up", two_nodes, "--workers", "1", "--cpus", "1", "--head-cpus", "1")
-        local_cluster("up", one_node, "--workers", "0", "--head-cpus", "2")
+        finish(  # both at once: their nodes start independently
+            local_cluster("up", two_nodes, "--workers", "1", "--cpus", "1", "--head-cpus", "1"),
+            local_cluster("up", one_node, "--workers", "0", "--head-cpus", "2"),
+        )
         ray.init(address=address(one_node), log_to_driver=False)
         for spec in (big, tiny):
             run_sweep(spec, storage, stages=("train",), progress=False)
@@ -146,9 +154,13 @@ def main() -> None:
         bulk = in_process_seconds(tiny, storage, max(shard_counts))
         big_bulk = in_process_seconds(big, storage, big_directions)
     finally:
-        for cluster in (two_nodes, one_node):
-            if (cluster / "cluster.json").exists():
+        finish(
+            *[
                 local_cluster("down", cluster)
+                for cluster in (two_nodes, one_node)
+                if (cluster / "cluster.json").exists()
+            ]
+        )
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"1. measuring {big_directions} directions in shards of 32 with 2 actors "

@@ -45,7 +45,7 @@ STATE_FILE = "cluster.json"
 DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "volume_ray_cluster")
 STARTED_MARK = "Ray runtime started"
 START_TIMEOUT_S = 90
-STOP_GRACE_S = 10
+STOP_GRACE_S = 5  # SIGTERM, then SIGKILL: Ray exits in a second or two when it will
 
 
 def _bytes(text: str) -> int:

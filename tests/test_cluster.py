@@ -42,12 +42,12 @@ SPREAD = {  # three actors on three 1-CPU nodes: one per node
     "volume": {"directions": 24, "shard_size": 2, "thresholds": [0.5]},
     "resources": {"workers": 3},
 }
-LONG = {  # a measuring stage of ~20 s on this host, long enough to lose a node in it
+LONG = {  # a measuring stage of ~12 s on this host, long enough to lose a node in it
     "name": "long",
     "dataset": {"name": "digits", "base_size": 200, "extra_sizes": [0, 400]},
     "model": {"name": "mlp", "hidden": [256, 256]},
     "train": {"epochs": 100, "lr": 0.01, "seeds": [0]},
-    "volume": {"directions": 400, "shard_size": 4, "thresholds": [0.5], "search": "grid"},
+    "volume": {"directions": 240, "shard_size": 4, "thresholds": [0.5], "search": "grid"},
     "resources": {"workers": 3},
 }
 
@@ -234,9 +234,7 @@ def test_a_process_without_the_token_is_refused(cluster, tmp_path):
     assert refused.returncode != 0
     assert "AuthenticationError" in refused.stdout + refused.stderr
     joined = _python(f"import ray; ray.init(address={cluster.address!r})", wrong)
-    assert joined.returncode != 0
-    accepted = _run(submit, {**cluster.env, "HOME": str(home)}, timeout=120)
-    assert accepted.returncode == 0, accepted.stdout + accepted.stderr  # the token opens it
+    assert joined.returncode != 0  # (the right token opens both: the tests above)
 
 
 def test_a_store_some_node_cannot_read_is_refused_before_any_work(cluster, tmp_path):
@@ -278,15 +276,16 @@ def test_losing_a_worker_node_mid_measure_loses_and_duplicates_nothing(cluster, 
     finally:
         measuring.kill()
     assert measuring.returncode == 0, output[-3000:]
-    assert shards_before < 3 * 100  # the node went while shards were still to do
+    shards = 3 * 240 // 4  # 3 pairs, 240 directions in shards of 4
+    assert shards_before < shards  # the node went while shards were still to do
     assert re.search(r"re-queued [1-9]\d* shard", output), output[-3000:]  # its shard(s)
 
     nodes = _shard_nodes(store)
-    assert len(nodes) == 3 * 100 and victim in nodes  # every shard, once
-    assert nodes.count(victim) < 3 * 100 / 3  # the survivors took over the rest
+    assert len(nodes) == shards and victim in nodes  # every shard, once
+    assert nodes.count(victim) < shards / 3  # the survivors took over the rest
     radii = pd.read_parquet(store / "radii")
     keys = radii[["model_id", "landscape_size", "direction", "threshold"]]
-    assert not keys.duplicated().any() and len(radii) == 3 * 400
+    assert not keys.duplicated().any() and len(radii) == 3 * 240
 
     spec = load_spec(LONG)  # a sample of directions, measured again in this process
     data = experiment_data(spec)

@@ -280,7 +280,7 @@ def test_spec_rules_that_keep_model_ids_unique_and_stores_resumable(tmp_path):
 
 def test_training_cut_short_goes_on_from_its_last_state_in_the_next_run(local_ray, tmp_path):
     spec = {**TINY, "name": "cut", "dataset": {**TINY["dataset"], "extra_sizes": [0]},
-            "train": {**TINY["train"], "epochs": 3000}}  # fmt: skip
+            "train": {**TINY["train"], "epochs": 1000}}  # fmt: skip
     spec_path = tmp_path / "cut.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     command = [sys.executable, "-m", "volume_ray.cli", "train", str(spec_path),
@@ -288,11 +288,12 @@ def test_training_cut_short_goes_on_from_its_last_state_in_the_next_run(local_ra
     store = SweepStore(tmp_path / "cut", "cut")
     driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not resumable_states(store) and time.time() < deadline:
+    deadline = time.monotonic() + 120
+    while not resumable_states(store) and time.monotonic() < deadline:
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its whole local Ray: a lost cluster
     driver.wait()
+    assert resumable_states(store), "no resumable state within 120 s"
     (model_id, location), *others = resumable_states(store).items()
     saved_epoch = len(torch.load(io.BytesIO(read_bytes(location)), weights_only=True)["history"])
     assert not others and store.finished_models().empty and saved_epoch % 50 == 0
