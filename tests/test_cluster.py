@@ -233,8 +233,12 @@ def test_a_process_without_the_token_is_refused(cluster, tmp_path):
     refused = _run(submit, wrong, timeout=120)
     assert refused.returncode != 0
     assert "AuthenticationError" in refused.stdout + refused.stderr
-    joined = _python(f"import ray; ray.init(address={cluster.address!r})", wrong)
-    assert joined.returncode != 0  # (the right token opens both: the tests above)
+    spec = _write_spec(tmp_path, SPREAD)  # nor can it join the cluster as a driver
+    run = _run(["volume-ray", "run", spec, "--address", cluster.address, "--storage", tmp_path],
+               wrong, timeout=120)  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr  # a message, not a trace
+    (said,) = [line for line in run.stderr.splitlines() if "cannot join the Ray" in line]
+    assert cluster.address in said and "token" in said  # and Ray's words on what is missing
 
 
 def test_a_store_some_node_cannot_read_is_refused_before_any_work(cluster, tmp_path):

@@ -258,7 +258,12 @@ def connect(address: str | None) -> bool:
         return False
     # Under `ray job submit` (and KubeRay's RayJob) the cluster comes as RAY_ADDRESS.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=False)
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as error:
+        # Ray's last words name the cause: no token, a wrong token, nothing listening
+        cause = str(error.__cause__ or error).strip().splitlines()[-1]
+        raise RuntimeError(f"cannot join the Ray cluster at {address}: {cause}") from None
     return True
 
 
