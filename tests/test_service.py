@@ -312,3 +312,11 @@ def test_training_cut_short_goes_on_from_its_last_state_in_the_next_run(local_ra
     assert resumed.keys() == uncut.keys()
     for name in uncut:  # bit for bit the weights of a run that was never cut
         assert torch.equal(resumed[name], uncut[name]), name
+
+
+def test_actors_that_cannot_start_fail_the_stage_with_their_reason(trained, tmp_path):
+    store = copy_store(trained, tmp_path, radii=False)
+    Path(store.spec_path).unlink()  # what an actor on a node without the store would see
+    with pytest.raises(RuntimeError, match="could not start.*cannot read the sweep store"):
+        measure_stage(load_spec(TINY), store, progress=False)
+    assert not list(Path(store.radii).glob("*.parquet"))

@@ -97,7 +97,7 @@ def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
 
 @dataclass(frozen=True)
 class MeasureStats:
-    """What one measuring stage did: shards measured, seconds until every actor was
+    """What one measuring stage did: shards measured, seconds until the first actor was
     ready (process start, imports, data), seconds spent measuring, and shards re-queued."""
 
     shards: int
@@ -124,10 +124,6 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
                     name=f"volume_worker:{spec.name}:{i}", num_cpus=cpus, num_gpus=gpus
                 ).remote(spec_dict, store.location)
             )
-        try:
-            ray.get([actor.pid.remote() for actor in actors])  # every actor up
-        except ray.exceptions.RayActorError as error:
-            raise RuntimeError(f"a VolumeWorker could not start: {error}") from None
         return _dispatch(store, shards, actors, began, progress)
     finally:
         for actor in actors:
@@ -139,18 +135,22 @@ def _dispatch(
 ) -> MeasureStats:
     """Keep every live actor busy until every shard is written.
 
-    An actor lost with its node (or killed) fails its shard at once: the shard goes
+    Each actor gets work as soon as it answers its first ping, so measuring starts with
+    the first actor up (an autoscaler may bring the others' nodes minutes later, or
+    never). An actor lost with its node (or killed) fails its shard at once: the shard goes
     back to the front of its queue for whichever actor is free next, and the lost
     actor is pinged. The ping waits through Ray's restart of the actor (which needs
     free resources) and puts it back to work; a ping that fails means the restarts
     are used up. Only the driver writes shards, so a lost task leaves nothing behind
     and no shard is written twice."""
-    ready = time.perf_counter()
+    ready = None  # when the first actor answered
     waiting: dict[Pair, deque[Shard]] = {}  # per pair, in order: an actor keeps its pair
     for shard in shards:
         waiting.setdefault(shard.pair, deque()).append(shard)
-    running: dict[ray.ObjectRef, tuple[int, Shard | None]] = {}  # None: a ping
-    idle: list[int] = list(range(len(actors)))
+    running: dict[ray.ObjectRef, tuple[int, Shard | None]] = {  # None: a ping
+        actor.pid.remote(): (i, None) for i, actor in enumerate(actors)
+    }
+    idle: list[int] = []
     last_pair: dict[int, Pair] = {}
 
     def submit(actor: int) -> None:
@@ -184,21 +184,22 @@ def _dispatch(
             while idle and waiting:
                 submit(idle.pop())
             if not running:
+                last = str(lost_for_good).strip().splitlines()[-1]  # the cause, not its trace
                 raise RuntimeError(
-                    "every VolumeWorker is lost and cannot be restarted; the finished shards "
-                    "are kept: rerun the same command to measure the rest"
-                ) from lost_for_good
+                    "every VolumeWorker is lost or could not start; the finished shards are "
+                    f"kept: rerun the same command to measure the rest. The last error: {last}"
+                )
             done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_NOTICE_S)
             if not done:
-                restarting = sum(shard is None for _, shard in running.values())
-                if restarting:
-                    log.warning("%d measuring actor(s) wait for resources to restart", restarting)
+                waiting_actors = sum(shard is None for _, shard in running.values())
+                if waiting_actors:
+                    log.warning("%d measuring actor(s) wait for resources", waiting_actors)
                 continue
             actor, shard = running.pop(done[0])
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError as error:
-                if shard is None:  # the ping outlived every restart: this actor is gone
+                if shard is None:  # it never started, or outlived every restart: gone
                     lost_for_good = error
                 else:  # lost with its actor: back to the front of its queue
                     waiting.setdefault(shard.pair, deque()).appendleft(shard)
@@ -208,6 +209,8 @@ def _dispatch(
             if shard is not None:
                 _write_shard(store, shard, *result)
                 bar.update(shard.count)
+            elif ready is None:
+                ready = time.perf_counter()
             idle.append(actor)
     finally:
         bar.close()
