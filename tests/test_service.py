@@ -19,6 +19,7 @@ import ray
 import torch
 import yaml
 
+from volume_ray import driver
 from volume_ray.cli import main
 from volume_ray.driver import aggregate_stage, measure_stage, pending_shards, run_sweep
 from volume_ray.locations import read_bytes
@@ -320,3 +321,12 @@ def test_actors_that_cannot_start_fail_the_stage_with_their_reason(trained, tmp_
     with pytest.raises(RuntimeError, match="could not start.*cannot read the sweep store"):
         measure_stage(load_spec(TINY), store, progress=False)
     assert not list(Path(store.radii).glob("*.parquet"))
+
+
+def test_an_actor_that_never_finds_room_does_not_hold_up_the_stage(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "START_GRACE_S", 2.0)  # the default waits 30 s
+    store = copy_store(trained, tmp_path, radii=False)
+    spec = load_spec({**TINY, "resources": {"workers": 3}})  # 2 CPUs: one actor never fits
+    stats = measure_stage(spec, store, progress=False)
+    assert 2.0 <= stats.startup_seconds < 60 and stats.shards == 24
+    pd.testing.assert_frame_equal(sorted_radii(store), sorted_radii(trained))

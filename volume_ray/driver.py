@@ -39,6 +39,7 @@ __all__ = [
 
 VOLUME_TABLE_COLUMNS = ["model_id", "landscape_size", *VOLUME_COLUMNS]
 WAIT_NOTICE_S = 60  # say so when nothing finished for this long (actors restarting)
+START_GRACE_S = 30  # after the first actor is up, wait this long at most for the others
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +136,16 @@ def _dispatch(
 ) -> MeasureStats:
     """Keep every live actor busy until every shard is written.
 
-    Each actor gets work as soon as it answers its first ping, so measuring starts with
-    the first actor up (an autoscaler may bring the others' nodes minutes later, or
-    never). An actor lost with its node (or killed) fails its shard at once: the shard goes
-    back to the front of its queue for whichever actor is free next, and the lost
-    actor is pinged. The ping waits through Ray's restart of the actor (which needs
-    free resources) and puts it back to work; a ping that fails means the restarts
-    are used up. Only the driver writes shards, so a lost task leaves nothing behind
-    and no shard is written twice."""
-    ready = None  # when the first actor answered
+    Work starts once every actor has answered its first ping, or START_GRACE_S after the
+    first one did: an autoscaler may bring the others' nodes minutes later, or never,
+    and those join in when they come. An actor lost with its node (or killed) fails its
+    shard at once: the shard goes back to the front of its queue for whichever actor is
+    free next, and the lost actor is pinged. The ping waits through Ray's restart of the
+    actor (which needs free resources) and puts it back to work; a ping that fails means
+    the restarts are used up. Only the driver writes shards, so a lost task leaves
+    nothing behind and no shard is written twice."""
+    first_up, ready = None, None  # when the first actor answered; when work started
+    starting = set(range(len(actors)))  # actors yet to answer their first ping
     waiting: dict[Pair, deque[Shard]] = {}  # per pair, in order: an actor keeps its pair
     for shard in shards:
         waiting.setdefault(shard.pair, deque()).append(shard)
@@ -181,7 +183,10 @@ def _dispatch(
     requeued, lost_for_good = 0, None
     try:
         while waiting or any(shard for _, shard in running.values()):
-            while idle and waiting:
+            held = starting and (first_up is None or time.perf_counter() - first_up < START_GRACE_S)
+            if not held and ready is None:
+                ready = time.perf_counter()
+            while not held and idle and waiting:
                 submit(idle.pop())
             if not running:
                 last = str(lost_for_good).strip().splitlines()[-1]  # the cause, not its trace
@@ -189,13 +194,15 @@ def _dispatch(
                     "every VolumeWorker is lost or could not start; the finished shards are "
                     f"kept: rerun the same command to measure the rest. The last error: {last}"
                 )
-            done, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_NOTICE_S)
+            wake = START_GRACE_S if held and first_up is not None else WAIT_NOTICE_S
+            done, _ = ray.wait(list(running), num_returns=1, timeout=wake)
             if not done:
                 waiting_actors = sum(shard is None for _, shard in running.values())
                 if waiting_actors:
                     log.warning("%d measuring actor(s) wait for resources", waiting_actors)
                 continue
             actor, shard = running.pop(done[0])
+            starting.discard(actor)  # answered, or failed to start: no longer awaited
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError as error:
@@ -209,8 +216,7 @@ def _dispatch(
             if shard is not None:
                 _write_shard(store, shard, *result)
                 bar.update(shard.count)
-            elif ready is None:
-                ready = time.perf_counter()
+            first_up = first_up or time.perf_counter()
             idle.append(actor)
     finally:
         bar.close()
