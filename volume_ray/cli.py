@@ -194,6 +194,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from volume_ray.results import TABLES
+
     parser = argparse.ArgumentParser(
         prog="volume-ray", description="Measure the volume of loss-landscape minima."
     )
@@ -204,27 +206,23 @@ def _parser() -> argparse.ArgumentParser:
         ("measure", ("measure", "aggregate"), "measure and aggregate trained models"),
     ):
         command = commands.add_parser(name, help=text)
-        command.add_argument("spec", help="sweep spec (YAML)")
-        command.add_argument("--smoke", action="store_true", help="the small form (see spec)")
+        _spec_options(command)
         command.add_argument(
             "--storage", default=DEFAULT_STORAGE,
             help="results root: a folder (on a cluster, one every node mounts) or a URI "
             "such as s3://bucket/prefix",
         )  # fmt: skip
         command.add_argument("--address", default=None, help="Ray cluster to join")
-        _resource_options(command)
         command.set_defaults(run=lambda args, stages=stages: _run(args, stages))
     validate = commands.add_parser("validate", help="check a spec and print its plan")
-    validate.add_argument("spec")
-    validate.add_argument("--smoke", action="store_true", help="the small form (see spec)")
-    _resource_options(validate)
+    _spec_options(validate)
     validate.set_defaults(run=_validate)
     status = commands.add_parser("status", help="what a sweep's store holds")
     status.add_argument("dir", help=SWEEP_DIR_HELP)
     status.set_defaults(run=_status)
     query = commands.add_parser("query", help="print a table of a sweep's store")
     query.add_argument("dir", help=SWEEP_DIR_HELP)
-    query.add_argument("--table", choices=("models", "radii", "volumes"), default="volumes")
+    query.add_argument("--table", choices=TABLES, default="volumes")
     query.add_argument("--where", default=None, help="a pandas query, e.g. 'threshold == 0.1'")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.set_defaults(run=_query)
@@ -244,7 +242,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resource_options(command: argparse.ArgumentParser) -> None:
+def _spec_options(command: argparse.ArgumentParser) -> None:
+    """The spec and what may change for one run: its small form and its resources."""
+    command.add_argument("spec", help="sweep spec (YAML)")
+    command.add_argument("--smoke", action="store_true", help="the small form (see spec)")
     command.add_argument(
         "--workers", type=_auto_or(int), default=None,
         help="measuring actors (overrides resources.workers; 'auto' counts the cluster's "

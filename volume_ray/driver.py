@@ -54,6 +54,11 @@ class Shard:
     start: int
     count: int
 
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        """What names its file in the store: (model, landscape size, start, count)."""
+        return self.pair.model_id, self.pair.landscape_size, self.start, self.count
+
 
 def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int]:
     """(shards not yet on disk, shards in all) for the models already trained."""
@@ -74,12 +79,12 @@ def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int
         for start in range(0, spec.volume.directions, spec.volume.shard_size):
             count = min(spec.volume.shard_size, spec.volume.directions - start)
             total += 1
-            where = (pair.model_id, pair.landscape_size, start, count)
-            done = store.shard_name(*where) in written and store.shard_is_complete(
-                store.shard_path(*where), count * rows_per_direction
+            shard = Shard(pair, trial.seed, checkpoints[pair.model_id], start, count)
+            done = store.shard_name(*shard.key) in written and store.shard_is_complete(
+                store.shard_path(*shard.key), count * rows_per_direction
             )
             if not done:
-                shards.append(Shard(pair, trial.seed, checkpoints[pair.model_id], start, count))
+                shards.append(shard)
     return shards, total
 
 
@@ -149,9 +154,8 @@ def _dispatch(
     waiting: dict[Pair, deque[Shard]] = {}  # per pair, in order: an actor keeps its pair
     for shard in shards:
         waiting.setdefault(shard.pair, deque()).append(shard)
-    running: dict[ray.ObjectRef, tuple[int, Shard | None]] = {  # None: a ping
-        actor.pid.remote(): (i, None) for i, actor in enumerate(actors)
-    }
+    running: dict[ray.ObjectRef, tuple[int, Shard]] = {}  # shard tasks, with their actor
+    pings = {actor.pid.remote(): i for i, actor in enumerate(actors)}  # actor: answers when up
     idle: list[int] = []
     last_pair: dict[int, Pair] = {}
 
@@ -182,41 +186,45 @@ def _dispatch(
     )
     requeued, lost_for_good = 0, None
     try:
-        while waiting or any(shard for _, shard in running.values()):
+        while waiting or running:
             held = starting and (first_up is None or time.perf_counter() - first_up < START_GRACE_S)
             if not held and ready is None:
                 ready = time.perf_counter()
             while not held and idle and waiting:
                 submit(idle.pop())
-            if not running:
+            if not running and not pings:
                 last = str(lost_for_good).strip().splitlines()[-1]  # the cause, not its trace
                 raise RuntimeError(
                     "every VolumeWorker is lost or could not start; the finished shards are "
                     f"kept: rerun the same command to measure the rest. The last error: {last}"
                 )
             wake = START_GRACE_S if held and first_up is not None else WAIT_NOTICE_S
-            done, _ = ray.wait(list(running), num_returns=1, timeout=wake)
+            done, _ = ray.wait([*running, *pings], num_returns=1, timeout=wake)
             if not done:
-                waiting_actors = sum(shard is None for _, shard in running.values())
-                if waiting_actors:
-                    log.warning("%d measuring actor(s) wait for resources", waiting_actors)
+                if pings:
+                    log.warning("%d measuring actor(s) wait for resources", len(pings))
+                continue
+            if done[0] in pings:
+                actor = pings.pop(done[0])
+                starting.discard(actor)  # answered, or failed to start: no longer awaited
+                try:
+                    ray.get(done[0])
+                except ray.exceptions.RayActorError as error:  # never started, or outlived
+                    lost_for_good = error  # every restart: gone for good
+                    continue
+                first_up = first_up or time.perf_counter()
+                idle.append(actor)
                 continue
             actor, shard = running.pop(done[0])
-            starting.discard(actor)  # answered, or failed to start: no longer awaited
             try:
                 result = ray.get(done[0])
-            except ray.exceptions.RayActorError as error:
-                if shard is None:  # it never started, or outlived every restart: gone
-                    lost_for_good = error
-                else:  # lost with its actor: back to the front of its queue
-                    waiting.setdefault(shard.pair, deque()).appendleft(shard)
-                    requeued += 1
-                    running[actors[actor].pid.remote()] = (actor, None)  # back when restarted
+            except ray.exceptions.RayActorError:  # lost with its actor: back to the front
+                waiting.setdefault(shard.pair, deque()).appendleft(shard)
+                requeued += 1
+                pings[actors[actor].pid.remote()] = actor  # back to work once restarted
                 continue
-            if shard is not None:
-                _write_shard(store, shard, *result)
-                bar.update(shard.count)
-            first_up = first_up or time.perf_counter()
+            _write_shard(store, shard, *result)
+            bar.update(shard.count)
             idle.append(actor)
     finally:
         bar.close()
@@ -229,22 +237,18 @@ def _write_shard(store: SweepStore, shard: Shard, columns: dict, facts: dict) ->
     frame = pd.DataFrame(columns)
     frame.insert(0, "model_id", shard.pair.model_id)
     frame.insert(1, "landscape_size", shard.pair.landscape_size)
-    path = store.shard_path(
-        shard.pair.model_id, shard.pair.landscape_size, shard.start, shard.count
-    )
     metadata = {f"volume_ray.{k}": str(v) for k, v in facts.items()}
-    write_table(frame, path, metadata=metadata)
+    write_table(frame, store.shard_path(*shard.key), metadata=metadata)
 
 
 def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
     """Every estimator for every (model, landscape, metric, threshold) -> volumes.parquet,
     with models.parquet rewritten beside it so the two tables always agree."""
-    store.write_models()
+    models = store.write_models()
     radii = store.read_radii()
     if radii.empty:
         volumes = pd.DataFrame(columns=VOLUME_TABLE_COLUMNS)
     else:
-        models = store.finished_models()
         n_params = dict(zip(models.model_id, models.n_params))
         frames = []
         for (model_id, size), group in radii.groupby(["model_id", "landscape_size"], sort=True):

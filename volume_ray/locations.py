@@ -29,6 +29,7 @@ __all__ = [
     "join",
     "list_files",
     "locate",
+    "names_in",
     "read_bytes",
     "split",
     "write_atomic",
@@ -90,6 +91,12 @@ def list_files(folder: Location, suffix: str) -> tuple[fs.FileSystem, list[str]]
         for info in found
         if info.type == fs.FileType.File and info.base_name.endswith(suffix)
     )
+
+
+def names_in(folder: Location, suffix: str) -> set[str]:
+    """Names of the files directly in `folder` ending with `suffix`, from one listing."""
+    _, paths = list_files(folder, suffix)
+    return {posixpath.basename(path) for path in paths}
 
 
 def write_atomic(location: Location, write: Callable[[IO[bytes]], Any]) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import posixpath
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +33,7 @@ from volume_ray.locations import (
     join,
     list_files,
     locate,
+    names_in,
     read_bytes,
     split,
     write_atomic,
@@ -129,8 +129,7 @@ class SweepStore:
 
     def finished_models(self) -> pd.DataFrame:
         """Rows of the models whose row and checkpoint are both in the store."""
-        _, saved = list_files(self.checkpoints, ".pt")
-        saved_names = {posixpath.basename(path) for path in saved}
+        saved_names = names_in(self.checkpoints, ".pt")
         filesystem, rows = list_files(self.model_rows, ".parquet")
         frames = []
         for path in rows:
@@ -165,8 +164,7 @@ class SweepStore:
     def written_shards(self) -> set[str]:
         """File names in `radii/`, from one listing: on an object store, looking up
         10,000 missing shards one by one would cost 10,000 requests."""
-        _, files = list_files(self.radii, ".parquet")
-        return {posixpath.basename(path) for path in files}
+        return names_in(self.radii, ".parquet")
 
     def read_radii(self) -> pd.DataFrame:
         filesystem, files = list_files(self.radii, ".parquet")
