@@ -45,7 +45,7 @@ def test_full_scores_equal_a_plain_forward(model, digits, walk, points_per_pass)
             points_per_pass=points_per_pass,
         )  # fmt: skip
         scores = landscape.score(
-            params.flat, directions, range(4), coefficients, np.full(4, INF), np.full(4, -INF)
+            landscape.walks(directions), range(4), coefficients, np.full(4, INF), np.full(4, -INF)
         )
         np.testing.assert_allclose(scores.lower, expected, rtol=1e-5)
         np.testing.assert_array_equal(scores.lower, scores.upper)
@@ -58,7 +58,11 @@ def test_early_exit_bounds_hold_for_loss(model, digits, walk):
     landscape = Landscape(model, params, *digits, F.cross_entropy, batch_size=50)
     level = losses[1:].min() / 4  # every walked point is well past it
     scores = landscape.score(
-        params.flat, directions, [1, 2, 3], coefficients[1:], np.full(3, level), np.full(3, -INF)
+        landscape.walks(directions),
+        [1, 2, 3],
+        coefficients[1:],
+        np.full(3, level),
+        np.full(3, -INF),
     )
     assert (scores.lower > level).all()
     assert (scores.lower <= losses[1:] * (1 + 1e-6)).all()
@@ -71,7 +75,7 @@ def test_early_exit_bounds_hold_for_errors(model, digits, walk):
     landscape = Landscape(model, params, *digits, F.cross_entropy, metric="accuracy", batch_size=50)
     high = errors[3] + 300  # no point can be past this: stops once the upper bound is below
     scores = landscape.score(
-        params.flat, directions, [3], [coefficients[3]], np.array([INF]), np.array([high])
+        landscape.walks(directions), [3], [coefficients[3]], np.array([INF]), np.array([high])
     )
     assert scores.lower[0] <= errors[3] <= scores.upper[0] <= high
     assert scores.samples[0] < 600
@@ -111,7 +115,23 @@ def test_a_loss_with_negative_terms_is_always_scored_in_full(model, digits, walk
     landscape = Landscape(model, params, *digits, shifted, batch_size=50)
     assert not landscape.losses_nonnegative
     scores = landscape.score(
-        params.flat, directions, [3], [coefficients[3]], np.array([-1e9]), np.array([-INF])
+        landscape.walks(directions), [3], [coefficients[3]], np.array([-1e9]), np.array([-INF])
     )
     assert scores.samples[0] == 600
     assert scores.lower[0] == pytest.approx(losses[3] - 600, rel=1e-5)
+
+
+def test_a_point_that_cannot_stop_early_is_scored_in_one_pass(model, digits, walk):
+    params, directions, coefficients, losses, _ = walk
+    landscape = Landscape(model, params, *digits, F.cross_entropy)
+    passes = []
+    model.layers[-1].register_forward_hook(lambda *_: passes.append(1))
+    walks = landscape.walks(directions)
+    stops = np.full(1, INF), np.full(1, -INF)
+    full = landscape.score(walks, [2], [coefficients[2]], *stops)
+    assert len(passes) == 1  # 600 samples, no bound to reach: one chunk
+    passes.clear()
+    early = landscape.score(walks, [2], [coefficients[2]], np.array([1e12]), np.array([-INF]))
+    assert len(passes) == 2  # the hardest eighth first, in case it decides
+    assert full.lower[0] == pytest.approx(early.lower[0], rel=1e-6)
+    assert full.lower[0] == pytest.approx(losses[2], rel=1e-5)

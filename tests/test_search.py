@@ -195,3 +195,29 @@ def test_far_search_bounds_still_find_the_crossing(max_coefficient):
     (crossing,), evals = drive(BracketSearch([2.0], 1.0, max_coefficient=max_coefficient), f)
     assert root <= crossing.coefficient <= root / (1 - 1e-4)
     assert evals <= 60
+
+
+def test_a_point_inside_a_bracket_drops_the_stop_bounds_it_cannot_reach():
+    def f(c):  # monotone; level 10 is crossed at c = 0.0949
+        return 1.0 + 1000.0 * c * c
+
+    search, seen, checked = BracketSearch([10.0], f(0.0)), [], 0
+    while (proposal := search.propose()) is not None:
+        c = proposal.coefficient
+        # a bound is dropped exactly when a scored point shows f(c) cannot reach it
+        reach_above = not any(p > c and 10.0 < f(p) <= 40.0 for p in seen)
+        reach_below = not any(p < c and 2.5 < f(p) <= 10.0 for p in seen)
+        assert math.isfinite(proposal.stop_above) == reach_above
+        assert math.isfinite(proposal.stop_below) == reach_below
+        checked += not (reach_above or reach_below)
+        search.record(c, f(c), f(c))
+        seen.append(c)
+    assert checked >= 1  # the refinement steps are scored without early exit
+
+
+def test_stop_bounds_stay_where_the_value_may_reach_them():
+    search = BracketSearch([10.0], 1.0)
+    search.record(0.0625, 1.5, 1.5)  # below the level and below level/4
+    search.record(0.25, 50.0, 50.0)  # past 4x the level
+    proposal = search.propose()
+    assert proposal.stop_above == 40.0 and proposal.stop_below == 2.5

@@ -5,7 +5,8 @@ are sums of non-negative per-sample terms (the loss, or the error indicator), so
 partial sum over some of the samples bounds the full one from below, and for
 accuracy also from above. Scoring stops as soon as the bounds decide the question.
 The landscape keeps its samples ordered hardest-first (by per-sample loss at w*), so
-that a point past the level proves it within the first chunks.
+that a point past the level proves it within the first chunks. A point that cannot
+stop early (its stop bounds are infinite) is scored in as few chunks as memory allows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -22,12 +24,14 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from volume_ray.directions import PerturbedParameters
+from volume_ray.input_layer import find_input_layer
 
-__all__ = ["METRICS", "Landscape", "Scores", "sample_accuracy"]
+__all__ = ["METRICS", "Landscape", "Scores", "Walks", "sample_accuracy"]
 
 METRICS = ("loss", "accuracy")
 FIRST_CHUNK_FRACTION = 1 / 8  # without batch_size: the hardest eighth is scored first,
 MAX_AUTO_BATCH = 4096  # then the rest in chunks of at most this many samples
+INPUT_LAYER_FLOATS = 2**22  # the input layer's output is kept if it holds at most this many
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,16 +53,29 @@ def sample_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return hits.mean(positions) if positions else hits
 
 
-def _chunks(size: int, batch_size: int | None) -> list[tuple[int, int]]:
+def _chunks(size: int, batch_size: int | None, *, early_exit: bool) -> list[tuple[int, int]]:
     """(start, stop) of each chunk. A point far past its level is proved so by the
     hardest samples alone, while a point near it needs every sample: so by default a
-    small first chunk, then chunks as large as memory comfortably allows."""
+    small first chunk when early exit may pay, then chunks as large as memory
+    comfortably allows. `batch_size`, when given, is the size of every chunk."""
     if batch_size is not None:
         starts = list(range(0, size, batch_size))
-    else:
+    elif early_exit:
         first = max(1, math.ceil(size * FIRST_CHUNK_FRACTION))
         starts = [0, *range(first, size, MAX_AUTO_BATCH)]
+    else:
+        starts = list(range(0, size, MAX_AUTO_BATCH))
     return list(zip(starts, [*starts[1:], size]))
+
+
+@dataclass(frozen=True)
+class Walks:
+    """Directions d (B, n) from the trained weights, and what the landscape keeps for
+    each: the input layer's output along d on every sample, `along` (B, N, ...), or
+    None when the model has no cached input layer."""
+
+    directions: torch.Tensor
+    along: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -79,9 +96,11 @@ class Landscape:
 
     `metric="loss"` sums `loss_fn` per sample (the loss is assumed to be a mean over
     the batch of non-negative per-sample terms, as the usual PyTorch losses are);
-    `metric="accuracy"` counts errors. Points are given as flat weight vectors in the
-    layout of `params`; `points_per_pass > 1` scores that many per forward pass with
-    `torch.func.vmap`.
+    `metric="accuracy"` counts errors. Points are w* + c*d for directions d given as
+    `Walks` (see `walks`); `points_per_pass > 1` scores that many per forward pass
+    with `torch.func.vmap`. When the model's first weighted layer is affine (see
+    `input_layer`) and its output fits INPUT_LAYER_FLOATS, that output is computed
+    once per direction instead of at every point.
     """
 
     def __init__(
@@ -103,7 +122,8 @@ class Landscape:
         self.points_per_pass = points_per_pass
         self.size = len(x)
         self.sample_max = math.inf if metric == "loss" else 1.0
-        self._chunks = _chunks(self.size, batch_size)
+        self._early_chunks = _chunks(self.size, batch_size, early_exit=True)
+        self._full_chunks = _chunks(self.size, batch_size, early_exit=False)
         self._modules_params = [model.get_parameter(name) for name in params.names]
         self._point = torch.empty_like(params.flat)  # the weights of one point, reused
         self._point_views = list(params.tensors(self._point).values())
@@ -117,15 +137,55 @@ class Landscape:
             self.x, self.y = x[order], y[order]
         if points_per_pass > 1 and not self._vmap_works():
             self.points_per_pass = 1
-        still = params.flat.new_zeros(1, params.count)
-        base = self.score(
-            params.flat, still, [0], [0.0], np.array([math.inf]), np.array([-math.inf])
-        )
+        self.input_layer = find_input_layer(model, params, self.x[:2])
+        self._layer_input: torch.Tensor | None = None  # the input layer's, on every sample
+        self._layer_output: torch.Tensor | None = None  # h*, its output at w*
+        if self.input_layer is not None:
+            self._keep_input_layer_output()
+        still = self.walks(params.flat.new_zeros(1, params.count))
+        base = self.score(still, [0], [0.0], np.array([math.inf]), np.array([-math.inf]))
         self.base_total = float(base.lower[0])
+
+    @property
+    def floats_per_walk(self) -> int:
+        """Scalars a direction holds in `Walks` besides its own n: a memory cap's unit."""
+        return 0 if self._layer_output is None else self._layer_output.numel()
+
+    def walks(self, directions: torch.Tensor) -> Walks:
+        """Directions (B, n) ready to score: the input layer run along each, one
+        direction at a time (so a direction's values never depend on the others it
+        is batched with)."""
+        if self.input_layer is None:
+            return Walks(directions, None)
+        with torch.no_grad():
+            along = torch.stack([self.input_layer.output(self._layer_input, d) for d in directions])
+        return Walks(directions, along)
+
+    @torch.no_grad()
+    def _keep_input_layer_output(self) -> None:
+        """h*, the input layer's output at the trained weights, and its input, on every
+        sample; dropped again (the layer then runs in full) if they are too large."""
+        captured: list[torch.Tensor] = []
+        module = self.input_layer.module
+        handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            for start, stop in self._full_chunks:
+                self.model(self.x[start:stop])
+        finally:
+            handle.remove()
+        self._layer_input = torch.cat(captured)
+        self._layer_output = self.input_layer.output(self._layer_input, self.params.flat)
+        if self.floats_per_walk > INPUT_LAYER_FLOATS:
+            self.input_layer, self._layer_input, self._layer_output = None, None, None
 
     def _forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The model at weights `flat` (n,) on `x`, without touching the module."""
         return functional_call(self.model, self.params.tensors(flat), (x,))
+
+    def _forward_from(self, flat: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`_forward`, with the input layer's output given as `h`."""
+        with self.input_layer.replaced(h):
+            return self._forward(flat, x)
 
     def _vmap_works(self) -> bool:
         """Can this model be batched over weight sets? Some cannot (data-dependent
@@ -167,7 +227,7 @@ class Landscape:
         per_sample = []
         try:
             with torch.no_grad():
-                for start, stop in self._chunks:
+                for start, stop in self._full_chunks:
                     out = self._forward(flat, self.x[start:stop])
                     per_sample.append(vmap(one)(out, self.y[start:stop]))
         except RuntimeError:
@@ -188,15 +248,14 @@ class Landscape:
     @torch.no_grad()
     def score(
         self,
-        origin: torch.Tensor,
-        directions: torch.Tensor,
+        walks: Walks,
         rows: Sequence[int],
         coefficients: Sequence[float],
         stop_above: np.ndarray,
         stop_below: np.ndarray,
     ) -> Scores:
-        """Bounds on the summed metric at the points origin + coefficients[k] *
-        directions[rows[k]], for origin (n,) and directions (B, n).
+        """Bounds on the summed metric at the points w* + coefficients[k] *
+        d[rows[k]], for the directions d of `walks`.
 
         Scoring of a point stops once its lower bound exceeds `stop_above[k]` (past
         every level that matters) or its upper bound is at most `stop_below[k]` (past
@@ -204,29 +263,26 @@ class Landscape:
         """
         if self.metric == "loss" and not self.losses_nonnegative:
             stop_above = np.full(len(rows), math.inf)
+        origin, directions, along = self.params.flat, walks.directions, walks.along
         count = len(rows)
         totals = np.zeros(count)
         samples = np.zeros(count, dtype=np.int64)
         for first in range(0, count, self.points_per_pass):
             group = slice(first, first + self.points_per_pass)
             if count - first == 1 or self.points_per_pass == 1:
-                torch.add(
-                    origin, directions[rows[first]], alpha=coefficients[first], out=self._point
-                )
+                row, c = rows[first], coefficients[first]
+                torch.add(origin, directions[row], alpha=c, out=self._point)
+                outputs_of = partial(self._model_on, along=along, row=row, c=c)
                 with self._point_loaded():
-                    sums = self._score_chunks(
-                        lambda _, x: self.model(x).unsqueeze(0),  # (1, B, ...)
-                        stop_above[group], stop_below[group],
-                    )  # fmt: skip
+                    sums = self._score_chunks(outputs_of, stop_above[group], stop_below[group])
             else:
-                scale = torch.tensor(coefficients[group], dtype=origin.dtype)
-                along = directions[torch.as_tensor(rows[group])]  # (G, n)
-                weights = torch.addcmul(origin, scale.to(origin.device)[:, None], along)
-                batched = vmap(self._forward, in_dims=(0, None))
-                sums = self._score_chunks(
-                    lambda active, x: batched(weights[torch.as_tensor(active)], x),  # noqa: B023
-                    stop_above[group], stop_below[group],
-                )  # fmt: skip
+                scale = torch.tensor(coefficients[group], dtype=origin.dtype, device=origin.device)
+                picked = torch.as_tensor(rows[group], device=origin.device)
+                weights = torch.addcmul(origin, scale[:, None], directions[picked])  # (G, n)
+                outputs_of = partial(
+                    self._batch_on, along=along, picked=picked, scale=scale, weights=weights
+                )
+                sums = self._score_chunks(outputs_of, stop_above[group], stop_below[group])
             totals[group], samples[group] = sums
         upper = totals.copy()
         unscored = samples < self.size
@@ -234,20 +290,42 @@ class Landscape:
         upper[~np.isfinite(totals)] = math.inf
         return Scores(lower=totals, upper=upper, samples=samples)
 
+    def _model_on(self, _active, chunk: slice, *, along, row: int, c: float) -> torch.Tensor:
+        """Outputs (1, B, ...) of the loaded module on a chunk, its input layer's
+        output given as h* + c*g where it is kept."""
+        if along is None:
+            return self.model(self.x[chunk]).unsqueeze(0)
+        h = torch.add(self._layer_output[chunk], along[row, chunk], alpha=c)
+        with self.input_layer.replaced(h):
+            return self.model(self.x[chunk]).unsqueeze(0)
+
+    def _batch_on(self, active, chunk: slice, *, along, picked, scale, weights) -> torch.Tensor:
+        """Outputs (G', B, ...) of the still-active points of a group on a chunk."""
+        active = torch.as_tensor(active, device=weights.device)
+        if along is None:
+            return vmap(self._forward, in_dims=(0, None))(weights[active], self.x[chunk])
+        g = along[picked[active], chunk]  # (G', B, ...)
+        h = self._layer_output[chunk] + scale[active].view(-1, *[1] * (g.dim() - 1)) * g
+        forward = vmap(self._forward_from, in_dims=(0, 0, None))
+        return forward(weights[active], h, self.x[chunk])
+
     def _score_chunks(
         self,
-        outputs_of: Callable[[np.ndarray, torch.Tensor], torch.Tensor],
+        outputs_of: Callable[[np.ndarray, slice], torch.Tensor],
         stop_above: np.ndarray,
         stop_below: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Chunk by chunk, the summed metric of G points whose outputs on a chunk are
-        `outputs_of(active, x)`; a point leaves `active` once decided."""
+        `outputs_of(active, chunk)`; a point leaves `active` once decided."""
         totals = np.zeros(len(stop_above))
         samples = np.zeros(len(stop_above), dtype=np.int64)
         active = np.arange(len(stop_above))
-        for start, stop in self._chunks:
-            x, y = self.x[start:stop], self.y[start:stop]
-            totals[active] += self._sums(outputs_of(active, x), y)
+        may_stop = np.isfinite(stop_above).any() or (
+            math.isfinite(self.sample_max) and np.isfinite(stop_below).any()
+        )
+        chunks = self._early_chunks if may_stop else self._full_chunks
+        for start, stop in chunks:
+            totals[active] += self._sums(outputs_of(active, slice(start, stop)), self.y[start:stop])
             samples[active] += stop - start
             remaining = self.size - stop
             running = totals[active]

@@ -145,16 +145,19 @@ class RadiusMeter:
         if next(model.parameters()).device != device:
             model = copy.deepcopy(model).to(device)
         model.eval()
-        # Memory cap: a block of directions, and the weight sets stacked for one pass,
-        # each hold about BLOCK_FLOATS scalars at most.
+        # Memory cap: a block of directions (with what the landscape keeps for each),
+        # and the weight sets stacked for one pass, each hold about BLOCK_FLOATS
+        # scalars at most.
         params = perturbed_parameters(model)
-        self.block = max(1, BLOCK_FLOATS // params.count)
         if points_per_pass is None:
             points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
         self.landscape = Landscape(
             model, params, x.to(device), y.to(device), loss_fn, metric=metric,
-            batch_size=batch_size, points_per_pass=min(points_per_pass, self.block),
+            batch_size=batch_size,
+            points_per_pass=max(1, min(points_per_pass, BLOCK_FLOATS // params.count)),
         )  # fmt: skip
+        per_walk = params.count + self.landscape.floats_per_walk
+        self.block = max(self.landscape.points_per_pass, BLOCK_FLOATS // per_walk)
         levels = _levels(metric, thresholds, self.landscape.size)
         _warn_if_base_is_past(metric, thresholds, levels, self.landscape.base_total)
         self.to_norm = FilterNorm(params, filter_norm)
@@ -228,10 +231,10 @@ class RadiusMeter:
         return the evaluations and samples scored per search."""
         evals = np.zeros(len(searches), dtype=np.int64)
         samples = np.zeros(len(searches), dtype=np.int64)
+        walks = self.landscape.walks(directions)
         while asks := [(j, p) for j, s in enumerate(searches) if (p := s.propose()) is not None]:
             scores = self.landscape.score(
-                self.landscape.params.flat,
-                directions,
+                walks,
                 [j for j, _ in asks],
                 [p.coefficient for _, p in asks],
                 np.array([p.stop_above for _, p in asks]),

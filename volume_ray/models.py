@@ -39,9 +39,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)  # (B, in_features)
-        for layer in self.layers[:-1]:
+        *hidden, last = self.layers  # (unpacked: slicing a ModuleList builds a new one)
+        for layer in hidden:
             x = torch.relu(layer(x))
-        return self.layers[-1](x)  # (B, out_features)
+        return last(x)  # (B, out_features)
 
 
 class CNN(nn.Module):

@@ -217,7 +217,15 @@ class BracketSearch:
         if not pending:
             return None
         c = self._next_coefficient(min(pending))
-        return Proposal(c, EXIT_FACTOR * max(pending), min(pending) / EXIT_FACTOR)
+        stop_above, stop_below = EXIT_FACTOR * max(pending), min(pending) / EXIT_FACTOR
+        # A bound the value at c cannot reach, given the points around c, is dropped:
+        # scoring that cannot stop early is done in the fewest passes.
+        lo, hi = self._bracket(min(pending))
+        if hi is not None and c < hi.c and hi.upper <= stop_above:
+            stop_above = math.inf
+        if lo is not None and c > lo.c and lo.lower > stop_below:
+            stop_below = -math.inf
+        return Proposal(c, stop_above, stop_below)
 
     def record(self, coefficient: float, lower: float, upper: float) -> None:
         self._points.append(_Point(coefficient, lower, upper))

@@ -1,0 +1,107 @@
+"""The first weighted layer of a walk, computed once: its output is linear in c.
+
+Along w(c) = w* + c*d, the first layer that uses any weight sees the same input at
+every c (the data, maybe reshaped), and a Linear or Conv layer is affine in its own
+weight and bias: layer(x; W + cD, b + c*e) = layer(x; W, b) + c * layer(x; D, e). Its
+output at any c is therefore h* + c*g, with h* computed once per landscape and g once
+per direction, and every later evaluation skips that layer's matrix product: about a
+fifth of the work of the digits MLP 64-256-256-10, all of it for a linear model.
+
+The values differ from a plain forward pass by rounding only (summation order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from volume_ray.directions import PerturbedParameters
+
+__all__ = ["AFFINE_LAYERS", "InputLayer", "find_input_layer"]
+
+AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class InputLayer:
+    """One affine layer whose input does not depend on any perturbed weight.
+
+    `names` maps the layer's own parameter names ("weight", "bias") to their names in
+    the model, which are columns of the flat layout of `params`.
+    """
+
+    def __init__(self, module: nn.Module, names: dict[str, str], params: PerturbedParameters):
+        self.module = module
+        self.names = names
+        self._columns = {
+            own: (off, shape)
+            for own, full in names.items()
+            for name, shape, off in zip(params.names, params.shapes, params.offsets)
+            if name == full
+        }
+
+    def output(self, inputs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The layer at the weights in `flat` (n,): the trained ones give h*, a
+        direction gives g (the layer is linear in its weights, bias included)."""
+        weights = {
+            own: flat[off : off + shape.numel()].view(shape)
+            for own, (off, shape) in self._columns.items()
+        }
+        return functional_call(self.module, weights, (inputs,))
+
+    @contextmanager
+    def replaced(self, output: torch.Tensor) -> Iterator[None]:
+        """Within the block, the layer returns `output` instead of computing it; the
+        rest of the model runs as usual. Works inside `vmap` with a batched output."""
+        self.module.forward = lambda *_args, **_kwargs: output
+        try:
+            yield
+        finally:
+            del self.module.forward
+
+
+def find_input_layer(
+    model: nn.Module, params: PerturbedParameters, x: torch.Tensor
+) -> InputLayer | None:
+    """The model's first weighted layer, if caching its output is exact: a Linear or
+    Conv layer (exactly those types, so no overridden forward), called once per
+    forward pass, whose parameters are all perturbed, and whose input is the same at
+    two different weight vectors. None otherwise (the walk then runs in full)."""
+    with_weights = [
+        m for m in model.modules() if any(p is not None for p in m._parameters.values())
+    ]
+    calls: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def note(module: nn.Module, args: tuple) -> None:
+        calls.append((module, args[0] if args else None))
+
+    def run(flat: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
+        calls.clear()
+        handles = [m.register_forward_pre_hook(note) for m in with_weights]
+        try:
+            with torch.no_grad():
+                functional_call(model, params.tensors(flat), (x,))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return list(calls)
+
+    trained = run(params.flat)
+    if not trained:
+        return None
+    first, inputs = trained[0]
+    if not isinstance(inputs, torch.Tensor):
+        return None
+    if type(first) not in AFFINE_LAYERS or sum(m is first for m, _ in trained) != 1:
+        return None
+    full_names = {id(p): name for name, p in model.named_parameters()}
+    names = {own: full_names.get(id(p)) for own, p in first._parameters.items() if p is not None}
+    if not all(name in params.names for name in names.values()):
+        return None
+    moved = run(params.flat * 1.5 + 0.25)
+    if not (moved and moved[0][0] is first and torch.equal(moved[0][1], inputs)):
+        return None
+    return InputLayer(first, names, params)
