@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from volume_ray.allocator import keep_freed_memory
+
 __all__ = ["main"]
 
 DEFAULT_STORAGE = "results"
@@ -285,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # frequent experiment snapshots adds nothing for a user.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     args = _parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.run(args)
     except ValueError as error:  # bad input: the message names the field and the fix

@@ -11,6 +11,7 @@ import os
 import torch
 from torch import nn
 
+from volume_ray.allocator import keep_freed_memory
 from volume_ray.data import ExperimentData, load_source, split_experiment
 from volume_ray.models import build_model
 from volume_ray.spec import SweepSpec
@@ -21,15 +22,17 @@ __all__ = [
     "experiment_data",
     "gpus_each",
     "new_model",
-    "set_torch_threads",
+    "configure_process",
     "with_absolute_root",
 ]
 
 
-def set_torch_threads() -> None:
+def configure_process() -> None:
     """Ray reuses worker processes and torch fixes its thread count at import: set it
-    from OMP_NUM_THREADS (Ray sets it to the CPUs a task or actor holds)."""
+    from OMP_NUM_THREADS (Ray sets it to the CPUs a task or actor holds). Also keep
+    freed memory for reuse (see `allocator`)."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    keep_freed_memory()
 
 
 def assigned_device() -> torch.device:

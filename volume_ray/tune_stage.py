@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from volume_ray.experiment import (
     assigned_device,
+    configure_process,
     experiment_data,
     gpus_each,
     new_model,
-    set_torch_threads,
 )
 from volume_ray.locations import join, locate
 from volume_ray.models import count_parameters, loss_for_task
@@ -45,7 +45,7 @@ MAX_FAILURES = 2  # retries of a failed trial
 
 def train_trial(config: dict) -> None:
     """Train one trial (Tune trainable)."""
-    set_torch_threads()
+    configure_process()
     spec = SweepSpec.model_validate(config["spec"])
     trial = Trial(**config["trial"])
     device = assigned_device()

@@ -10,7 +10,7 @@ import time
 import ray
 from ray.util import metrics
 
-from volume_ray.experiment import assigned_device, experiment_data, new_model, set_torch_threads
+from volume_ray.experiment import assigned_device, configure_process, experiment_data, new_model
 from volume_ray.locations import exists
 from volume_ray.measure import RadiusMeter
 from volume_ray.models import loss_for_task
@@ -27,7 +27,7 @@ class VolumeWorker:
     def __init__(self, spec: dict, store_location: str):
         self.store = SweepStore.at(store_location)
         check_store_is_visible(self.store)  # before anything slow: fail fast and clearly
-        set_torch_threads()
+        configure_process()
         self.spec = SweepSpec.model_validate(spec)
         self.device = assigned_device()
         self.data = experiment_data(self.spec)
@@ -70,7 +70,7 @@ class VolumeWorker:
         count: int,
     ) -> tuple[dict, dict]:  # fmt: skip
         """Radii of directions start..start+count-1: (columns, facts about the run)."""
-        set_torch_threads()
+        configure_process()
         began = time.perf_counter()
         self._load(model_id, checkpoint, seed, landscape_extra)
         frame = self.meter.measure(start, count)
