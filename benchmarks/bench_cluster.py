@@ -99,8 +99,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check it runs")
     args = parser.parse_args()
     rounds = 1 if args.smoke else 3
-    big_directions = 64 if args.smoke else 512
-    shard_counts = (100, 300) if args.smoke else (1_000, 10_000)
+    big_directions = 32 if args.smoke else 512
+    shard_counts = (30, 90) if args.smoke else (1_000, 10_000)
     big = load_spec(
         {
             "name": "bench-nodes",

@@ -5,7 +5,7 @@ of 32: measured in this process (1 and 2 torch threads), then by the service wit
 and with 2 VolumeWorker actors of one CPU each, on a local Ray with 2 CPUs.
 
     python benchmarks/bench_workers.py            # a few minutes on 2 cores
-    python benchmarks/bench_workers.py --smoke    # under a minute, for CI
+    python benchmarks/bench_workers.py --smoke    # about half a minute, for CI
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
             "name": "bench-workers",
             "dataset": {"name": "digits", "base_size": 1000, "extra_sizes": [0]},
             "model": {"name": "mlp", "hidden": [32] if args.smoke else [256, 256]},
-            "train": {"epochs": 3000, "target_loss": 0.001, "lr": 0.001},
+            "train": {"epochs": 100 if args.smoke else 3000, "target_loss": 0.001, "lr": 0.001},
             "volume": {"directions": directions, "shard_size": 32},
         }
     )
