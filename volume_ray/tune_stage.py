@@ -40,6 +40,7 @@ from volume_ray.train import TrainConfig, evaluate, save_checkpoint, train
 __all__ = ["resumable_states", "train_stage", "train_trial"]
 
 STATE_EVERY = 50  # epochs between resumable checkpoints of a trial
+REPORT_EVERY = 10  # epochs between progress reports: each waits on Tune's controller
 MAX_FAILURES = 2  # retries of a failed trial
 
 
@@ -73,6 +74,7 @@ def train_trial(config: dict) -> None:
     if resume is not None:
         kept = resume.pop("kept")
     pending_state: list[dict] = []
+    reported: list[int] = []  # epochs reported by this process
 
     def report(metrics: dict, network) -> None:
         if metrics["epoch"] in t.checkpoint_epochs:
@@ -82,8 +84,11 @@ def train_trial(config: dict) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save({**pending_state.pop(), "kept": kept}, Path(folder) / "state.pt")
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        else:
+        elif not reported or metrics["epoch"] % REPORT_EVERY == 0:
             tune.report(metrics)
+        else:
+            return
+        reported.append(metrics["epoch"])
 
     history = train(
         model, (x, y), test, loss_fn, settings, on_epoch=report, resume=resume,
@@ -192,7 +197,7 @@ def train_stage(
                 "trial": tune.grid_search([asdict(t) for t in todo]),
                 "resume_states": resumable_states(store),
             },
-            tune_config=tune.TuneConfig(reuse_actors=False, trial_dirname_creator=_trial_folder),
+            tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=_trial_folder),
             run_config=tune.RunConfig(
                 name=f"train-{int(time.time())}",
                 # a URI goes to Tune as it is: trials upload their states through it
