@@ -70,9 +70,7 @@ def find_input_layer(
     Conv layer (exactly those types, so no overridden forward), called once per
     forward pass, whose parameters are all perturbed, and whose input is the same at
     two different weight vectors. None otherwise (the walk then runs in full)."""
-    with_weights = [
-        m for m in model.modules() if any(p is not None for p in m._parameters.values())
-    ]
+    with_weights = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
     calls: list[tuple[nn.Module, torch.Tensor]] = []
 
     def note(module: nn.Module, args: tuple) -> None:
@@ -98,7 +96,7 @@ def find_input_layer(
     if type(first) not in AFFINE_LAYERS or sum(m is first for m, _ in trained) != 1:
         return None
     full_names = {id(p): name for name, p in model.named_parameters()}
-    names = {own: full_names.get(id(p)) for own, p in first._parameters.items() if p is not None}
+    names = {own: full_names.get(id(p)) for own, p in first.named_parameters(recurse=False)}
     if not all(name in params.names for name in names.values()):
         return None
     moved = run(params.flat * 1.5 + 0.25)
