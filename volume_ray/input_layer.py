@@ -35,21 +35,14 @@ class InputLayer:
 
     def __init__(self, module: nn.Module, names: dict[str, str], params: PerturbedParameters):
         self.module = module
-        self.names = names
-        self._columns = {
-            own: (off, shape)
-            for own, full in names.items()
-            for name, shape, off in zip(params.names, params.shapes, params.offsets)
-            if name == full
-        }
+        self._names = names
+        self._params = params
 
     def output(self, inputs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """The layer at the weights in `flat` (n,): the trained ones give h*, a
         direction gives g (the layer is linear in its weights, bias included)."""
-        weights = {
-            own: flat[off : off + shape.numel()].view(shape)
-            for own, (off, shape) in self._columns.items()
-        }
+        views = self._params.tensors(flat)
+        weights = {own: views[full] for own, full in self._names.items()}
         return functional_call(self.module, weights, (inputs,))
 
     @contextmanager

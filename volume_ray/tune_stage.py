@@ -74,9 +74,10 @@ def train_trial(config: dict) -> None:
     if resume is not None:
         kept = resume.pop("kept")
     pending_state: list[dict] = []
-    reported: list[int] = []  # epochs reported by this process
+    reported = False  # by this process: its first epoch is always reported
 
     def report(metrics: dict, network) -> None:
+        nonlocal reported
         if metrics["epoch"] in t.checkpoint_epochs:
             weights = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
             kept[metrics["epoch"]] = (weights, metrics)
@@ -88,7 +89,7 @@ def train_trial(config: dict) -> None:
             tune.report(metrics)
         else:
             return
-        reported.append(metrics["epoch"])
+        reported = True
 
     history = train(
         model, (x, y), test, loss_fn, settings, on_epoch=report, resume=resume,
