@@ -32,6 +32,7 @@ METRICS = ("loss", "accuracy")
 FIRST_CHUNK_FRACTION = 1 / 8  # without batch_size: the hardest eighth is scored first,
 MAX_AUTO_BATCH = 4096  # then the rest in chunks of at most this many samples
 INPUT_LAYER_FLOATS = 2**22  # the input layer's output is kept if it holds at most this many
+OUTPUT_FLOATS = 2**20  # outputs on the whole set are kept for the surrogate up to this size
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -89,6 +90,7 @@ class Scores:
     lower: np.ndarray  # (P,) float64
     upper: np.ndarray  # (P,) float64
     samples: np.ndarray  # (P,) int64
+    outputs: list[torch.Tensor | None]  # model outputs on every sample, where kept
 
 
 class Landscape:
@@ -142,14 +144,37 @@ class Landscape:
         self._layer_output: torch.Tensor | None = None  # h*, its output at w*
         if self.input_layer is not None:
             self._keep_input_layer_output()
+        # The outputs of fully scored points feed the surrogate (loss metric only).
+        self.keeps_outputs = metric == "loss"
         still = self.walks(params.flat.new_zeros(1, params.count))
         base = self.score(still, [0], [0.0], np.array([math.inf]), np.array([-math.inf]))
         self.base_total = float(base.lower[0])
+        self._base_outputs = base.outputs[0]
+        if self._base_outputs is not None and self._base_outputs.numel() > OUTPUT_FLOATS:
+            self.keeps_outputs, self._base_outputs = False, None
 
     @property
     def floats_per_walk(self) -> int:
-        """Scalars a direction holds in `Walks` besides its own n: a memory cap's unit."""
-        return 0 if self._layer_output is None else self._layer_output.numel()
+        """Scalars a direction holds besides its own n, in `Walks` and in the outputs
+        its search keeps for the surrogate (two points'): a memory cap's unit."""
+        along = 0 if self._layer_output is None else self._layer_output.numel()
+        return along + (2 * self._base_outputs.numel() if self.keeps_outputs else 0)
+
+    def surrogate_total(self, c: float, scored: Sequence[tuple[float, torch.Tensor]]) -> float:
+        """The summed loss at c of outputs interpolated sample by sample, quadratic in
+        c through those at w* (c = 0) and at two scored points (coefficient, outputs).
+
+        Along a walk a network's outputs are smooth (piecewise polynomial) in c, and
+        each sample's loss follows from its own outputs, so near the scored points
+        this tracks the loss far more closely than any curve through the two sums.
+        Searches use it only to aim; every answer rests on scored points.
+        """
+        (c1, z1), (c2, z2) = scored
+        w1 = c * (c - c2) / (c1 * (c1 - c2))
+        w2 = c * (c - c1) / (c2 * (c2 - c1))
+        outputs = self._base_outputs * (1 - w1 - w2) + z1 * w1 + z2 * w2
+        with torch.no_grad():
+            return self.loss_fn(outputs, self.y).item() * self.size
 
     def walks(self, directions: torch.Tensor) -> Walks:
         """Directions (B, n) ready to score: the input layer run along each, one
@@ -175,7 +200,7 @@ class Landscape:
             handle.remove()
         self._layer_input = torch.cat(captured)
         self._layer_output = self.input_layer.output(self._layer_input, self.params.flat)
-        if self.floats_per_walk > INPUT_LAYER_FLOATS:
+        if self._layer_output.numel() > INPUT_LAYER_FLOATS:
             self.input_layer, self._layer_input, self._layer_output = None, None, None
 
     def _forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -267,6 +292,7 @@ class Landscape:
         count = len(rows)
         totals = np.zeros(count)
         samples = np.zeros(count, dtype=np.int64)
+        outputs: list[torch.Tensor | None] = [None] * count
         for first in range(0, count, self.points_per_pass):
             group = slice(first, first + self.points_per_pass)
             if count - first == 1 or self.points_per_pass == 1:
@@ -283,12 +309,12 @@ class Landscape:
                     self._batch_on, along=along, picked=picked, scale=scale, weights=weights
                 )
                 sums = self._score_chunks(outputs_of, stop_above[group], stop_below[group])
-            totals[group], samples[group] = sums
+            totals[group], samples[group], outputs[group] = sums
         upper = totals.copy()
         unscored = samples < self.size
         upper[unscored] += (self.size - samples[unscored]) * self.sample_max
         upper[~np.isfinite(totals)] = math.inf
-        return Scores(lower=totals, upper=upper, samples=samples)
+        return Scores(lower=totals, upper=upper, samples=samples, outputs=outputs)
 
     def _model_on(self, _active, chunk: slice, *, along, row: int, c: float) -> torch.Tensor:
         """Outputs (1, B, ...) of the loaded module on a chunk, its input layer's
@@ -314,23 +340,35 @@ class Landscape:
         outputs_of: Callable[[np.ndarray, slice], torch.Tensor],
         stop_above: np.ndarray,
         stop_below: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor | None]]:
         """Chunk by chunk, the summed metric of G points whose outputs on a chunk are
-        `outputs_of(active, chunk)`; a point leaves `active` once decided."""
+        `outputs_of(active, chunk)`; a point leaves `active` once decided. Also the
+        outputs on every sample of each point scored fully, where they are kept."""
         totals = np.zeros(len(stop_above))
         samples = np.zeros(len(stop_above), dtype=np.int64)
+        pieces: list[list[torch.Tensor]] = [[] for _ in stop_above]
         active = np.arange(len(stop_above))
         may_stop = np.isfinite(stop_above).any() or (
             math.isfinite(self.sample_max) and np.isfinite(stop_below).any()
         )
         chunks = self._early_chunks if may_stop else self._full_chunks
         for start, stop in chunks:
-            totals[active] += self._sums(outputs_of(active, slice(start, stop)), self.y[start:stop])
+            outputs = outputs_of(active, slice(start, stop))
+            totals[active] += self._sums(outputs, self.y[start:stop])
             samples[active] += stop - start
+            if self.keeps_outputs:
+                for point, output in zip(active.tolist(), outputs.unbind()):
+                    pieces[point].append(output)
             remaining = self.size - stop
             running = totals[active]
             most = running + remaining * self.sample_max if remaining else running
             active = active[(running <= stop_above[active]) & (most > stop_below[active])]
             if len(active) == 0:
                 break
-        return totals, samples
+        whole = [
+            (parts[0] if len(parts) == 1 else torch.cat(parts))
+            if parts and n == self.size
+            else None
+            for parts, n in zip(pieces, samples)
+        ]
+        return totals, samples, whole

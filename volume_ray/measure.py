@@ -166,9 +166,11 @@ class RadiusMeter:
         if search == "grid":
             self.new_search = lambda _hints: GridSearch(levels, base, grid, full_curve=full_curve)
         else:
+            surrogate = self.landscape.surrogate_total if self.landscape.keeps_outputs else None
             self.new_search = lambda hints: BracketSearch(
-                levels, base, rtol=rtol, max_coefficient=max_coefficient, hints=hints
-            )
+                levels, base, rtol=rtol, max_coefficient=max_coefficient, hints=hints,
+                surrogate=surrogate,
+            )  # fmt: skip
         self.hints = self._hints_from_direction_zero() if search == "bisect" else None
 
     def _hints_from_direction_zero(self) -> list[Hint | None]:
@@ -241,7 +243,9 @@ class RadiusMeter:
                 np.array([p.stop_below for _, p in asks]),
             )
             for k, (j, proposal) in enumerate(asks):
-                searches[j].record(proposal.coefficient, scores.lower[k], scores.upper[k])
+                searches[j].record(
+                    proposal.coefficient, scores.lower[k], scores.upper[k], scores.outputs[k]
+                )
                 evals[j] += 1
                 samples[j] += scores.samples[k]
         return evals, samples

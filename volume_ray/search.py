@@ -14,14 +14,18 @@ Values and levels are in the landscape's units: summed per-sample metric, where
   interpolation on log(value - base) against log(c), which is close to a straight
   line near a minimum (exactly so, with slope 2, on a quadratic bowl), safeguarded by
   geometric bisection. Sums within EXIT_FACTOR of the levels are scored fully, so
-  that interpolation has exact values; points further off may stop early.
+  that interpolation has exact values; points further off may stop early. Given a
+  surrogate (a model of the sum built from what the landscape returned at two
+  scored points), it aims its third point by it, so that point often lands within
+  a bracket width of the crossing and one more closes the bracket.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +37,7 @@ __all__ = [
     "GridSearch",
     "Hint",
     "Proposal",
+    "Surrogate",
     "paper_grid",
 ]
 
@@ -44,6 +49,13 @@ MAX_GROWTH = 4.0  # an unbracketed search moves by at most this factor per step
 EXIT_FACTOR = 4.0  # sums within this factor of the pending levels are scored fully
 MIN_SHRINK = 0.5  # a bracket that shrinks less than this over two steps is bisected
 FIRST_STEP = 1e-4  # the least relative step of a one-sided search, growing 4x a step
+AIM_FROM_TWO = 0.45  # aim past an estimate from two points by this much of rtol * c,
+AIM_FROM_MORE = 0.05  # and past one from three or more (about 1e-6 off) by this much
+
+
+Surrogate = Callable[[float, Sequence[tuple[float, Any]]], float]
+"""surrogate(c, scored): a model of a walk's summed metric at c, from what the landscape
+returned at two fully scored points, given as (coefficient, outputs) pairs."""
 
 
 def paper_grid() -> np.ndarray:
@@ -147,7 +159,7 @@ class GridSearch:
             return Proposal(float(self.grid[self._next]), math.inf, -math.inf)
         return Proposal(float(self.grid[self._next]), max(pending), min(pending))
 
-    def record(self, coefficient: float, lower: float, upper: float) -> None:
+    def record(self, coefficient: float, lower: float, upper: float, outputs=None) -> None:
         self._note(_Point(coefficient, lower, upper))
         self.curve.append(lower)
         self._next += 1
@@ -170,9 +182,12 @@ class BracketSearch:
     share every scored point. `hints` (one per level, from another walk of the same
     model, see `hints()`) set the first probe and the slope used to extrapolate from
     a single point; without them the first probe is max_coefficient / 16 and the
-    slope that of a bowl, 2. Steps that do not shrink the bracket fall back to
-    geometric bisection, and one-sided steps grow 4x each time, so every search ends
-    within about a hundred evaluations even on plateaus, bumps and step functions.
+    slope that of a bowl, 2. `surrogate` (see `Surrogate`) sharpens the estimate
+    from two points; it only aims, every answer rests on scored points. Steps that
+    do not shrink the bracket fall back to geometric bisection, and a one-sided
+    step's least size grows 4x each time it overrules the estimate, so every search
+    ends within about a hundred evaluations even on plateaus, bumps and step
+    functions.
     Assumes the value is monotone between the points it scores, as any search on a
     finite budget must.
     """
@@ -185,11 +200,15 @@ class BracketSearch:
         rtol: float = DEFAULT_RTOL,
         max_coefficient: float = 1.0,
         hints: Sequence[Hint | None] | None = None,
+        surrogate: Surrogate | None = None,
     ):
         self.levels = [float(level) for level in levels]
         self.base = base
         self.rtol = rtol
         self.max_coefficient = max_coefficient
+        self._log_cap = math.log(MAX_GROWTH * max_coefficient)
+        self._surrogate = surrogate
+        self._outputs: dict[float, Any] = {}  # coefficient -> outputs, for the surrogate
         self._hints = dict(zip(self.levels, hints)) if hints is not None else {}
         self._points = [_Point(0.0, base, base)]
         self._widths: dict[float, list[float]] = {}  # bracket widths seen, per level
@@ -227,8 +246,18 @@ class BracketSearch:
             stop_below = -math.inf
         return Proposal(c, stop_above, stop_below)
 
-    def record(self, coefficient: float, lower: float, upper: float) -> None:
-        self._points.append(_Point(coefficient, lower, upper))
+    def record(self, coefficient: float, lower: float, upper: float, outputs=None) -> None:
+        """Take the bounds scored at `coefficient`; `outputs`, what the landscape
+        returned for a fully scored point, is kept for the surrogate while it may
+        still be used (up to two scored points)."""
+        point = _Point(coefficient, lower, upper)
+        self._points.append(point)
+        if self._surrogate is None:
+            return
+        if point.exact and outputs is not None:
+            self._outputs[coefficient] = outputs
+        if sum(p.exact for p in self._points[1:]) > 2:
+            self._outputs.clear()
 
     def crossings(self) -> list[Crossing]:
         answers = []
@@ -251,7 +280,10 @@ class BracketSearch:
             near = sorted(
                 (p.c, gap)
                 for p in self._points
-                if (gap := self._log_gap(p, level)) is not None and abs(gap) <= 2.0
+                if p.exact
+                and p.c > 0
+                and (gap := self._log_gap(p.lower, level)) is not None
+                and abs(gap) <= 2.0
             )
             slope = 2.0
             if len(near) >= 2 and near[-1][0] > near[0][0]:
@@ -272,29 +304,36 @@ class BracketSearch:
                 return first
         hint = self._hints.get(level)
         slope = hint.slope if hint is not None else 2.0
-        guess = self._estimate(level, slope)
+        guess, nodes = self._estimate(level, slope)
         if hi is None and lo.c == 0:
             return INITIAL_FRACTION * self.max_coefficient
         if hi is None or lo.c == 0:
-            # One-sided: step away from the known side. The least step grows 4x each
-            # time, so a plateau or a bump that misleads the estimate costs a few
-            # steps, not thousands.
+            # One-sided: step away from the known side, by the estimate but at least
+            # a least step that grows 4x each time it overrules the estimate, so a
+            # plateau or a bump that misleads the estimate costs a few steps, not
+            # thousands, while a good estimate is followed as it is.
             taken = self._one_sided_steps.get(level, 0)
-            self._one_sided_steps[level] = taken + 1
             least = 1 + min(max(self.rtol, FIRST_STEP) * 4**taken, MAX_GROWTH - 1)
             if hi is None:
                 factor = MAX_GROWTH if guess is None else guess / lo.c
-                return min(lo.c * min(max(factor, least), MAX_GROWTH), self.max_coefficient)
-            factor = MAX_GROWTH if guess is None else hi.c / guess
-            return hi.c / min(max(factor, least), MAX_GROWTH)
+            else:
+                factor = MAX_GROWTH if guess is None else hi.c / guess
+            if factor < least:
+                self._one_sided_steps[level] = taken + 1
+            step = min(max(factor, least), MAX_GROWTH)
+            return min(lo.c * step, self.max_coefficient) if hi is None else hi.c / step
         widths = self._widths.setdefault(level, [])
         widths.append(hi.c - lo.c)
         stalled = len(widths) >= 3 and widths[-1] > MIN_SHRINK * widths[-3]
         tol = 0.5 * self.rtol * hi.c
         if guess is None or stalled:
             guess = math.sqrt(lo.c * hi.c)
-        else:  # aim a little past the estimate, away from the latest point
-            guess += 0.5 * tol if self._points[-1] is lo else -0.5 * tol
+        else:
+            # Aim past the estimate, away from the latest point, by about its error:
+            # the point then lands on the far side within a bracket width, and the
+            # next one, from three points, closes the bracket.
+            aim = AIM_FROM_TWO if nodes == 2 else AIM_FROM_MORE
+            guess += aim * self.rtol * hi.c * (1 if self._points[-1] is lo else -1)
         return min(max(guess, lo.c + tol), hi.c - tol)
 
     def _first_probe(self, level: float) -> float | None:
@@ -312,39 +351,74 @@ class BracketSearch:
                     return crossing.c * hint.coefficient / other_hint.coefficient
         return hint.coefficient
 
-    def _log_gap(self, point: _Point, level: float) -> float | None:
+    def _log_gap(self, value: float, level: float) -> float | None:
         """log(value - base) - log(level - base), or None where it is undefined."""
-        if not (point.exact and point.c > 0 and point.lower > self.base and level > self.base):
+        if not (value > self.base and level > self.base and math.isfinite(value)):
             return None
-        return math.log(point.lower - self.base) - math.log(level - self.base)
+        return math.log(value - self.base) - math.log(level - self.base)
 
-    def _estimate(self, level: float, slope: float) -> float | None:
-        """Where log(value - base) meets log(level - base), as a function of log c.
-
-        Inverse interpolation through the (up to) three scored points nearest the
-        level; from a single point, a straight line of the given slope.
-        """
-        candidates = sorted(
+    def _nodes(self, level: float) -> list[tuple[float, float]]:
+        """(log gap, log c) of every exactly scored point where the gap is defined."""
+        return [
             (gap, math.log(p.c))
             for p in self._points
-            if (gap := self._log_gap(p, level)) is not None
-        )
-        nodes: list[tuple[float, float]] = []
-        for gap, log_c in sorted(candidates, key=lambda node: abs(node[0])):
-            if len(nodes) < 3 and all(gap != g for g, _ in nodes):
-                nodes.append((gap, log_c))
+            if p.exact and p.c > 0 and (gap := self._log_gap(p.lower, level)) is not None
+        ]
+
+    def _estimate(self, level: float, slope: float) -> tuple[float | None, int]:
+        """Where log(value - base) meets log(level - base), as a function of log c, and
+        the number of scored points it rests on.
+
+        Inverse interpolation through the (up to) three scored points nearest the
+        level; from a single point, a straight line of the given slope; from two, the
+        root of the surrogate through them when there is one.
+        """
+        nodes = _nearest(self._nodes(level))
         if not nodes:
-            return None
+            return None, 0
         if len(nodes) == 1:
             gap, log_c = nodes[0]
             log_c -= gap / slope
+        elif len(nodes) == 2 and len(self._outputs) == 2:
+            log_c = self._surrogate_root(level, nodes)
         else:
-            log_c = 0.0  # Lagrange form of the inverse interpolant, at gap 0
-            for i, (g_i, u_i) in enumerate(nodes):
-                weight = 1.0
-                for j, (g_j, _) in enumerate(nodes):
-                    if j != i:
-                        weight *= g_j / (g_j - g_i)
-                log_c += weight * u_i
+            log_c = _inverse_interpolation(nodes)
         # capped, so that a wild extrapolation cannot overflow; callers clamp anyway
-        return math.exp(min(log_c, math.log(MAX_GROWTH * self.max_coefficient)))
+        return math.exp(min(log_c, self._log_cap)), len(nodes)
+
+    def _surrogate_root(self, level: float, nodes: list[tuple[float, float]]) -> float:
+        """log c where the walk crosses `level`, from two scored points and the
+        surrogate through them.
+
+        Interpolating the two sums in log-log places the crossing to about 1e-3;
+        the surrogate, which interpolates the outputs sample by sample, to about
+        2e-5 (digits MLP). One surrogate value at the first estimate, as a third
+        node of the inverse interpolation, gets that.
+        """
+        log_c = _inverse_interpolation(nodes)
+        value = self._surrogate(math.exp(min(log_c, self._log_cap)), list(self._outputs.items()))
+        gap = self._log_gap(value, level)
+        if gap is None or any(gap == g for g, _ in nodes):
+            return log_c
+        return _inverse_interpolation([*nodes, (gap, log_c)])
+
+
+def _nearest(nodes: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (up to) three nodes nearest gap 0, with distinct gaps."""
+    chosen: list[tuple[float, float]] = []
+    for gap, log_c in sorted(nodes, key=lambda node: abs(node[0])):
+        if len(chosen) < 3 and all(gap != g for g, _ in chosen):
+            chosen.append((gap, log_c))
+    return chosen
+
+
+def _inverse_interpolation(nodes: list[tuple[float, float]]) -> float:
+    """log c at gap 0 of the polynomial through (gap, log c) nodes, in Lagrange form."""
+    log_c = 0.0
+    for i, (g_i, u_i) in enumerate(nodes):
+        weight = 1.0
+        for j, (g_j, _) in enumerate(nodes):
+            if j != i:
+                weight *= g_j / (g_j - g_i)
+        log_c += weight * u_i
+    return log_c
