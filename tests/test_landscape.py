@@ -135,3 +135,61 @@ def test_a_point_that_cannot_stop_early_is_scored_in_one_pass(model, digits, wal
     assert len(passes) == 2  # the hardest eighth first, in case it decides
     assert full.lower[0] == pytest.approx(early.lower[0], rel=1e-6)
     assert full.lower[0] == pytest.approx(losses[2], rel=1e-5)
+
+
+@pytest.mark.parametrize("points_per_pass", [1, 3])
+def test_fully_scored_points_return_their_outputs(model, digits, walk, points_per_pass):
+    params, directions, coefficients, _, _ = walk
+    landscape = Landscape(
+        model, params, *digits, F.cross_entropy, batch_size=128, points_per_pass=points_per_pass
+    )
+    walks = landscape.walks(directions)
+    full = landscape.score(walks, range(4), coefficients, np.full(4, INF), np.full(4, -INF))
+    for d, c, outputs in zip(directions, coefficients, full.outputs):
+        walked = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, value in params.tensors(params.flat + c * d).items():
+                walked.get_parameter(name).copy_(value)
+            torch.testing.assert_close(outputs, walked(landscape.x), rtol=1e-5, atol=1e-5)
+    stopped = landscape.score(walks, [3], [coefficients[3]], np.array([1.0]), np.array([-INF]))
+    assert stopped.samples[0] < 600 and stopped.outputs == [None]
+
+
+def test_the_surrogate_is_exact_where_outputs_are_quadratic_in_c(digits):
+    # Softmax regression: the logits x(W + cD)^T + b + c*e are affine in c, so the
+    # quadratic through c = 0 and two scored points is exact, and so is the loss.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10)
+    params = perturbed_parameters(model)
+    landscape = Landscape(model, params, *digits, F.cross_entropy)
+    d = raw_directions(params, seed=3, indices=[0]) * 0.05
+    walks = landscape.walks(d)
+    coefficients = [0.3, 0.5, 0.05, 0.9, 2.0]
+    full = landscape.score(walks, [0] * 5, coefficients, np.full(5, INF), np.full(5, -INF))
+    scored = [(0.3, full.outputs[0]), (0.5, full.outputs[1])]
+    for c, total in zip(coefficients, full.lower):
+        assert landscape.surrogate_total(c, scored) == pytest.approx(total, rel=1e-5)
+    assert landscape.surrogate_total(0.0, scored) == pytest.approx(landscape.base_total, rel=1e-5)
+
+
+def test_the_surrogate_interpolates_an_mlp_at_its_scored_points(model, digits, walk):
+    params, directions, coefficients, losses, _ = walk
+    landscape = Landscape(model, params, *digits, F.cross_entropy)
+    full = landscape.score(
+        landscape.walks(directions), [1, 1, 1], [0.5, 1.0, 0.75], np.full(3, INF), np.full(3, -INF)
+    )
+    scored = [(0.5, full.outputs[0]), (1.0, full.outputs[1])]
+    assert landscape.surrogate_total(0.5, scored) == pytest.approx(full.lower[0], rel=1e-5)
+    assert landscape.surrogate_total(1.0, scored) == pytest.approx(full.lower[1], rel=1e-5)
+    between = landscape.surrogate_total(0.75, scored)  # a model, not the truth
+    assert between != full.lower[2] and between == pytest.approx(full.lower[2], rel=0.05)
+
+
+def test_outputs_are_kept_only_for_the_loss_and_up_to_a_size(model, digits, monkeypatch):
+    params = perturbed_parameters(model)
+    assert Landscape(model, params, *digits, F.cross_entropy).keeps_outputs
+    errors = Landscape(model, params, *digits, F.cross_entropy, metric="accuracy")
+    assert not errors.keeps_outputs and errors.floats_per_walk == 600 * 32
+    monkeypatch.setattr("volume_ray.landscape.OUTPUT_FLOATS", 600 * 10 - 1)
+    large = Landscape(model, params, *digits, F.cross_entropy)
+    assert not large.keeps_outputs and large.floats_per_walk == 600 * 32

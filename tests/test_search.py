@@ -221,3 +221,73 @@ def test_stop_bounds_stay_where_the_value_may_reach_them():
     search.record(0.25, 50.0, 50.0)  # past 4x the level
     proposal = search.propose()
     assert proposal.stop_above == 40.0 and proposal.stop_below == 2.5
+
+
+def test_a_one_sided_step_follows_an_estimate_within_a_bracket_width():
+    # A power law a little shallower than the hinted slope: the second point lands
+    # 3.5e-5 below the crossing, and the third, one bracket width above it, closes
+    # the bracket. The least step grows only where it overrules the estimate; were it
+    # to grow at every one-sided step, the third point would overshoot 4x as far.
+    root = 0.05
+    f = lambda c: 100.0 * (c / root) ** 1.9999  # noqa: E731
+    search = BracketSearch([100.0], 0.0, rtol=1e-4, hints=[Hint(root / 2, 2.0)])
+    (crossing,), evals = drive(search, f)
+    assert evals == 3
+    assert root <= crossing.coefficient <= root / (1 - 1e-4)
+
+
+def _outputs_walk(c):
+    """A walk whose 'outputs' are two samples' logits, quadratic in c, with a summed
+    loss of 1 - the probability of class 0: the sum is no power law in c, but the
+    surrogate, which interpolates the outputs, is exact on it."""
+    return np.array([[4.0 - 9 * c - 30 * c**2, 0.0], [5.0 + 3 * c - 80 * c**2, 0.0]])
+
+
+def _outputs_loss(logits):
+    return float(np.sum(1 - 1 / (1 + np.exp(logits[:, 1] - logits[:, 0]))))
+
+
+def _interpolating_surrogate(c, scored):
+    """What `Landscape.surrogate_total` does: outputs quadratic in c through c = 0 and
+    the two scored points, then the loss of those outputs."""
+    (c1, z1), (c2, z2) = scored
+    w1 = c * (c - c2) / (c1 * (c1 - c2))
+    w2 = c * (c - c1) / (c2 * (c2 - c1))
+    return _outputs_loss(_outputs_walk(0.0) * (1 - w1 - w2) + z1 * w1 + z2 * w2)
+
+
+def _drive_with_outputs(search):
+    evals = 0
+    while (proposal := search.propose()) is not None:
+        c = proposal.coefficient
+        logits = _outputs_walk(c)
+        value = _outputs_loss(logits)
+        search.record(c, value, value, logits)
+        evals += 1
+    return search.crossings(), evals
+
+
+def test_a_surrogate_from_outputs_saves_evaluations():
+    f = lambda c: _outputs_loss(_outputs_walk(c))  # noqa: E731
+    evals = {None: [], _interpolating_surrogate: []}
+    for level in (0.05, 0.2, 0.6, 1.0):
+        root = _root(f, level)
+        hint = [Hint(root * 1.12, 4.0)]  # a typical first probe: 12% off, slope approximate
+        for surrogate in evals:
+            search = BracketSearch([level], f(0.0), rtol=1e-4, hints=hint, surrogate=surrogate)
+            (crossing,), count = _drive_with_outputs(search)
+            assert root <= crossing.coefficient <= root / (1 - 1e-4)
+            evals[surrogate].append(count)
+    # first probe, one step, then the third point lands within a bracket width
+    assert evals[_interpolating_surrogate] == [4, 4, 4, 4]
+    assert sum(evals[None]) > 16
+
+
+@pytest.mark.parametrize("wrong", [lambda c, scored: 1e6, lambda c, scored: math.nan])
+def test_a_misleading_surrogate_cannot_spoil_the_answer(wrong):
+    f = lambda c: _outputs_loss(_outputs_walk(c))  # noqa: E731
+    root = _root(f, 0.2)
+    search = BracketSearch([0.2], f(0.0), rtol=1e-4, hints=[Hint(root * 0.9, 4.0)], surrogate=wrong)
+    (crossing,), evals = _drive_with_outputs(search)
+    assert root <= crossing.coefficient <= root / (1 - 1e-4)
+    assert evals <= 16
