@@ -201,26 +201,31 @@ def test_a_point_inside_a_bracket_drops_the_stop_bounds_it_cannot_reach():
     def f(c):  # monotone; level 10 is crossed at c = 0.0949
         return 1.0 + 1000.0 * c * c
 
-    search, seen, checked = BracketSearch([10.0], f(0.0)), [], 0
+    search, seen, one_pass = BracketSearch([10.0], f(0.0)), [], 0
     while (proposal := search.propose()) is not None:
         c = proposal.coefficient
-        # a bound is dropped exactly when a scored point shows f(c) cannot reach it
-        reach_above = not any(p > c and 10.0 < f(p) <= 40.0 for p in seen)
-        reach_below = not any(p < c and 2.5 < f(p) <= 10.0 for p in seen)
-        assert math.isfinite(proposal.stop_above) == reach_above
-        assert math.isfinite(proposal.stop_below) == reach_below
-        checked += not (reach_above or reach_below)
+        # a bound that a scored point shows f(c) cannot reach is always dropped
+        if any(p > c and 10.0 < f(p) <= 40.0 for p in seen):
+            assert proposal.stop_above == math.inf
+        if any(p < c and 2.5 < f(p) <= 10.0 for p in seen):
+            assert proposal.stop_below == -math.inf
+        one_pass += proposal.stop_above == math.inf and proposal.stop_below == -math.inf
         search.record(c, f(c), f(c))
         seen.append(c)
-    assert checked >= 1  # the refinement steps are scored without early exit
+    assert one_pass >= 1  # the refinement steps are scored without early exit
 
 
-def test_stop_bounds_stay_where_the_value_may_reach_them():
-    search = BracketSearch([10.0], 1.0)
-    search.record(0.0625, 1.5, 1.5)  # below the level and below level/4
-    search.record(0.25, 50.0, 50.0)  # past 4x the level
-    proposal = search.propose()
+def test_a_blind_step_keeps_its_stop_bounds_and_an_aimed_one_drops_them():
+    blind = BracketSearch([10.0], 1.0)  # no hint: the slope of a bowl is a guess
+    blind.record(0.0625, 1.5, 1.5)  # below the level and below level/4
+    proposal = blind.propose()
     assert proposal.stop_above == 40.0 and proposal.stop_below == 2.5
+    hinted = BracketSearch([10.0], 1.0, hints=[Hint(0.1, 2.0)])
+    first = hinted.propose()  # the hint's crossing: expected near the level
+    assert first.coefficient == 0.1
+    assert first.stop_above == math.inf and first.stop_below == -math.inf
+    hinted.record(0.1, 4.0, 4.0)
+    assert hinted.propose().stop_above == math.inf  # the hint's slope aims it too
 
 
 def test_a_one_sided_step_follows_an_estimate_within_a_bracket_width():

@@ -91,11 +91,8 @@ def raw_directions(params: PerturbedParameters, seed: int, indices: Sequence[int
     rows = torch.empty(len(indices), params.count, dtype=params.flat.dtype)
     for row, index in zip(rows, indices):
         generator = torch.Generator().manual_seed(seed + index)
-        for shape, off in zip(params.shapes, params.offsets):
-            size = shape.numel()
-            row[off : off + size] = torch.randn(
-                shape, generator=generator, dtype=rows.dtype
-            ).reshape(-1)
+        for shape, block in zip(params.shapes, params.tensors(row).values()):
+            torch.randn(shape, generator=generator, dtype=rows.dtype, out=block)
     return rows
 
 

@@ -72,11 +72,11 @@ def _chunks(size: int, batch_size: int | None, *, early_exit: bool) -> list[tupl
 @dataclass(frozen=True)
 class Walks:
     """Directions d (B, n) from the trained weights, and what the landscape keeps for
-    each: the input layer's output along d on every sample, `along` (B, N, ...), or
-    None when the model has no cached input layer."""
+    each: the input layer's output along d on every sample, `along` (one (N, ...)
+    tensor per direction), or None when the model has no cached input layer."""
 
     directions: torch.Tensor
-    along: torch.Tensor | None
+    along: list[torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class Landscape:
         if self.input_layer is None:
             return Walks(directions, None)
         with torch.no_grad():
-            along = torch.stack([self.input_layer.output(self._layer_input, d) for d in directions])
+            along = [self.input_layer.output(self._layer_input, d) for d in directions]
         return Walks(directions, along)
 
     @torch.no_grad()
@@ -293,23 +293,22 @@ class Landscape:
         totals = np.zeros(count)
         samples = np.zeros(count, dtype=np.int64)
         outputs: list[torch.Tensor | None] = [None] * count
-        for first in range(0, count, self.points_per_pass):
-            group = slice(first, first + self.points_per_pass)
-            if count - first == 1 or self.points_per_pass == 1:
-                row, c = rows[first], coefficients[first]
-                torch.add(origin, directions[row], alpha=c, out=self._point)
-                outputs_of = partial(self._model_on, along=along, row=row, c=c)
-                with self._point_loaded():
-                    sums = self._score_chunks(outputs_of, stop_above[group], stop_below[group])
-            else:
-                scale = torch.tensor(coefficients[group], dtype=origin.dtype, device=origin.device)
-                picked = torch.as_tensor(rows[group], device=origin.device)
-                weights = torch.addcmul(origin, scale[:, None], directions[picked])  # (G, n)
-                outputs_of = partial(
-                    self._batch_on, along=along, picked=picked, scale=scale, weights=weights
-                )
+        with self._point_loaded():
+            for first in range(0, count, self.points_per_pass):
+                group = slice(first, first + self.points_per_pass)
+                if count - first == 1 or self.points_per_pass == 1:
+                    row, c = rows[first], coefficients[first]
+                    torch.add(origin, directions[row], alpha=c, out=self._point)
+                    outputs_of = partial(self._model_on, along=along, row=row, c=c)
+                else:
+                    picked = list(rows[group])
+                    scale = origin.new_tensor(coefficients[group])
+                    weights = torch.addcmul(origin, scale[:, None], directions[picked])  # (G, n)
+                    outputs_of = partial(
+                        self._batch_on, along=along, picked=picked, scale=scale, weights=weights
+                    )
                 sums = self._score_chunks(outputs_of, stop_above[group], stop_below[group])
-            totals[group], samples[group], outputs[group] = sums
+                totals[group], samples[group], outputs[group] = sums
         upper = totals.copy()
         unscored = samples < self.size
         upper[unscored] += (self.size - samples[unscored]) * self.sample_max
@@ -321,19 +320,19 @@ class Landscape:
         output given as h* + c*g where it is kept."""
         if along is None:
             return self.model(self.x[chunk]).unsqueeze(0)
-        h = torch.add(self._layer_output[chunk], along[row, chunk], alpha=c)
+        h = torch.add(self._layer_output[chunk], along[row][chunk], alpha=c)
         with self.input_layer.replaced(h):
             return self.model(self.x[chunk]).unsqueeze(0)
 
     def _batch_on(self, active, chunk: slice, *, along, picked, scale, weights) -> torch.Tensor:
         """Outputs (G', B, ...) of the still-active points of a group on a chunk."""
-        active = torch.as_tensor(active, device=weights.device)
+        index = torch.as_tensor(active, device=weights.device)
         if along is None:
-            return vmap(self._forward, in_dims=(0, None))(weights[active], self.x[chunk])
-        g = along[picked[active], chunk]  # (G', B, ...)
-        h = self._layer_output[chunk] + scale[active].view(-1, *[1] * (g.dim() - 1)) * g
+            return vmap(self._forward, in_dims=(0, None))(weights[index], self.x[chunk])
+        g = torch.stack([along[picked[k]][chunk] for k in active.tolist()])  # (G', B, ...)
+        h = self._layer_output[chunk] + scale[index].view(-1, *[1] * (g.dim() - 1)) * g
         forward = vmap(self._forward_from, in_dims=(0, 0, None))
-        return forward(weights[active], h, self.x[chunk])
+        return forward(weights[index], h, self.x[chunk])
 
     def _score_chunks(
         self,

@@ -235,7 +235,9 @@ class BracketSearch:
         pending = [level for level in self.levels if not self._resolved(level)]
         if not pending:
             return None
-        c = self._next_coefficient(min(pending))
+        c, aimed = self._next_coefficient(min(pending))
+        if aimed:  # expected near the level, where early exit cannot decide: one pass
+            return Proposal(c, math.inf, -math.inf)
         stop_above, stop_below = EXIT_FACTOR * max(pending), min(pending) / EXIT_FACTOR
         # A bound the value at c cannot reach, given the points around c, is dropped:
         # scoring that cannot stop early is done in the fewest passes.
@@ -294,19 +296,21 @@ class BracketSearch:
 
     # -- choosing the next coefficient ---------------------------------------------
 
-    def _next_coefficient(self, level: float) -> float:
+    def _next_coefficient(self, level: float) -> tuple[float, bool]:
+        """The next coefficient to score for `level`, and whether a hint or an
+        estimate placed it near the crossing (rather than a blind step)."""
         lo, hi = self._bracket(level)
         if level not in self._started:
             self._started.add(level)
             first = self._first_probe(level)
             low, high = (lo.c if lo else 0.0), (hi.c if hi else self.max_coefficient)
             if first is not None and low < first < high:
-                return first
+                return first, True
         hint = self._hints.get(level)
         slope = hint.slope if hint is not None else 2.0
         guess, nodes = self._estimate(level, slope)
         if hi is None and lo.c == 0:
-            return INITIAL_FRACTION * self.max_coefficient
+            return INITIAL_FRACTION * self.max_coefficient, False
         if hi is None or lo.c == 0:
             # One-sided: step away from the known side, by the estimate but at least
             # a least step that grows 4x each time it overrules the estimate, so a
@@ -321,12 +325,14 @@ class BracketSearch:
             if factor < least:
                 self._one_sided_steps[level] = taken + 1
             step = min(max(factor, least), MAX_GROWTH)
-            return min(lo.c * step, self.max_coefficient) if hi is None else hi.c / step
+            c = min(lo.c * step, self.max_coefficient) if hi is None else hi.c / step
+            return c, factor <= MAX_GROWTH and (nodes >= 2 or hint is not None)
         widths = self._widths.setdefault(level, [])
         widths.append(hi.c - lo.c)
         stalled = len(widths) >= 3 and widths[-1] > MIN_SHRINK * widths[-3]
         tol = 0.5 * self.rtol * hi.c
-        if guess is None or stalled:
+        aimed = guess is not None and not stalled
+        if not aimed:
             guess = math.sqrt(lo.c * hi.c)
         else:
             # Aim past the estimate, away from the latest point, by about its error:
@@ -334,7 +340,7 @@ class BracketSearch:
             # next one, from three points, closes the bracket.
             aim = AIM_FROM_TWO if nodes == 2 else AIM_FROM_MORE
             guess += aim * self.rtol * hi.c * (1 if self._points[-1] is lo else -1)
-        return min(max(guess, lo.c + tol), hi.c - tol)
+        return min(max(guess, lo.c + tol), hi.c - tol), aimed
 
     def _first_probe(self, level: float) -> float | None:
         """Where the hints say this walk crosses `level`: the hinted coefficient, scaled
