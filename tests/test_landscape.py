@@ -193,3 +193,18 @@ def test_outputs_are_kept_only_for_the_loss_and_up_to_a_size(model, digits, monk
     monkeypatch.setattr("volume_ray.landscape.OUTPUT_FLOATS", 600 * 10 - 1)
     large = Landscape(model, params, *digits, F.cross_entropy)
     assert not large.keeps_outputs and large.floats_per_walk == 600 * 32
+
+
+def test_points_scored_together_keep_outputs_of_their_own(model, digits, walk):
+    params, directions, coefficients, _, _ = walk
+    landscape = Landscape(model, params, *digits, F.cross_entropy, points_per_pass=3)
+    full = landscape.score(
+        landscape.walks(directions), range(3), coefficients[:3], np.full(3, INF), np.full(3, -INF)
+    )
+    assert all(outputs.shape == (600, 10) and outputs._base is None for outputs in full.outputs)
+
+
+def test_a_grid_search_keeps_no_outputs(model, digits):
+    params = perturbed_parameters(model)
+    grid = Landscape(model, params, *digits, F.cross_entropy, keep_outputs=False)
+    assert not grid.keeps_outputs and grid.floats_per_walk == 600 * 32

@@ -102,7 +102,9 @@ class Landscape:
     `Walks` (see `walks`); `points_per_pass > 1` scores that many per forward pass
     with `torch.func.vmap`. When the model's first weighted layer is affine (see
     `input_layer`) and its output fits INPUT_LAYER_FLOATS, that output is computed
-    once per direction instead of at every point.
+    once per direction instead of at every point. With `keep_outputs` (loss metric,
+    outputs up to OUTPUT_FLOATS), fully scored points return their outputs, from which
+    `surrogate_total` models the loss between them.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class Landscape:
         metric: str = "loss",
         batch_size: int | None = None,
         points_per_pass: int = 1,
+        keep_outputs: bool = True,
     ):
         self.model = model
         self.params = params
@@ -145,7 +148,7 @@ class Landscape:
         if self.input_layer is not None:
             self._keep_input_layer_output()
         # The outputs of fully scored points feed the surrogate (loss metric only).
-        self.keeps_outputs = metric == "loss"
+        self.keeps_outputs = keep_outputs and metric == "loss"
         still = self.walks(params.flat.new_zeros(1, params.count))
         base = self.score(still, [0], [0.0], np.array([math.inf]), np.array([-math.inf]))
         self.base_total = float(base.lower[0])
@@ -356,8 +359,10 @@ class Landscape:
             totals[active] += self._sums(outputs, self.y[start:stop])
             samples[active] += stop - start
             if self.keeps_outputs:
+                # a copy where one pass scored several points, so that a kept
+                # point's outputs do not hold on to the others'
                 for point, output in zip(active.tolist(), outputs.unbind()):
-                    pieces[point].append(output)
+                    pieces[point].append(output.clone() if len(outputs) > 1 else output)
             remaining = self.size - stop
             running = totals[active]
             most = running + remaining * self.sample_max if remaining else running

@@ -155,6 +155,7 @@ class RadiusMeter:
             model, params, x.to(device), y.to(device), loss_fn, metric=metric,
             batch_size=batch_size,
             points_per_pass=max(1, min(points_per_pass, BLOCK_FLOATS // params.count)),
+            keep_outputs=search == "bisect",  # for its surrogate
         )  # fmt: skip
         per_walk = params.count + self.landscape.floats_per_walk
         self.block = max(self.landscape.points_per_pass, BLOCK_FLOATS // per_walk)
