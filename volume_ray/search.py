@@ -159,7 +159,8 @@ class GridSearch:
             return Proposal(float(self.grid[self._next]), math.inf, -math.inf)
         return Proposal(float(self.grid[self._next]), max(pending), min(pending))
 
-    def record(self, coefficient: float, lower: float, upper: float, outputs=None) -> None:
+    def record(self, coefficient: float, lower: float, upper: float, outputs: Any = None) -> None:
+        """Take the bounds scored at `coefficient` (`outputs` is not needed here)."""
         self._note(_Point(coefficient, lower, upper))
         self.curve.append(lower)
         self._next += 1
@@ -248,7 +249,7 @@ class BracketSearch:
             stop_below = -math.inf
         return Proposal(c, stop_above, stop_below)
 
-    def record(self, coefficient: float, lower: float, upper: float, outputs=None) -> None:
+    def record(self, coefficient: float, lower: float, upper: float, outputs: Any = None) -> None:
         """Take the bounds scored at `coefficient`; `outputs`, what the landscape
         returned for a fully scored point, is kept for the surrogate while it may
         still be used (up to two scored points)."""
@@ -279,18 +280,11 @@ class BracketSearch:
             if crossing.censored or crossing.coefficient == 0:
                 answers.append(None)
                 continue
-            near = sorted(
-                (p.c, gap)
-                for p in self._points
-                if p.exact
-                and p.c > 0
-                and (gap := self._log_gap(p.lower, level)) is not None
-                and abs(gap) <= 2.0
-            )
+            near = sorted((log_c, gap) for gap, log_c in self._nodes(level) if abs(gap) <= 2.0)
             slope = 2.0
             if len(near) >= 2 and near[-1][0] > near[0][0]:
-                (c0, g0), (c1, g1) = near[0], near[-1]
-                slope = min(max((g1 - g0) / math.log(c1 / c0), 1.0), 16.0)
+                (u0, g0), (u1, g1) = near[0], near[-1]
+                slope = min(max((g1 - g0) / (u1 - u0), 1.0), 16.0)
             answers.append(Hint(crossing.coefficient, slope))
         return answers
 
