@@ -7,6 +7,8 @@ accuracy also from above. Scoring stops as soon as the bounds decide the questio
 The landscape keeps its samples ordered hardest-first (by per-sample loss at w*), so
 that a point past the level proves it within the first chunks. A point that cannot
 stop early (its stop bounds are infinite) is scored in as few chunks as memory allows.
+Fully scored points also return their outputs, from which `surrogate_total` models
+the loss between scored points, for a search to aim by.
 """
 
 from __future__ import annotations
