@@ -96,3 +96,33 @@ def test_each_model_reports_its_size_loss_and_metric():
     }
     with pytest.raises(ValueError, match="task"):
         describe_model("mlp", model, "ranking")
+
+
+@pytest.mark.parametrize(
+    "name,shape,kwargs",
+    [("mlp", (64,), {"hidden": [32, 16]}), ("cnn", (1, 8, 8), {"channels": [4], "hidden": [8]})],
+)
+def test_forward_and_gradients_equal_a_plain_out_of_place_forward(name, shape, kwargs):
+    # The models apply ReLU in place; training must not see the difference.
+    model = build_model(name, shape, 10, seed=0, **kwargs)
+    x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(5)
+
+    def plain(x):
+        for conv in getattr(model, "convs", []):
+            x = F.max_pool2d(torch.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)), 2)
+        layers = model.head.layers if name == "cnn" else model.layers
+        x = x.flatten(1)
+        for layer in layers[:-1]:
+            x = torch.relu(F.linear(x, layer.weight, layer.bias))
+        return F.linear(x, layers[-1].weight, layers[-1].bias)
+
+    grads = []
+    for forward in (model, plain):
+        model.zero_grad()
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(model(x), plain(x))
+    for mine, reference in zip(*grads):
+        torch.testing.assert_close(mine, reference)

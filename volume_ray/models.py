@@ -41,7 +41,9 @@ class MLP(nn.Module):
         x = x.flatten(1)  # (B, in_features)
         *hidden, last = self.layers  # (unpacked: slicing a ModuleList builds a new one)
         for layer in hidden:
-            x = torch.relu(layer(x))
+            # In place: nothing else reads a Linear's fresh output (its backward needs
+            # only its input), and a walk's many forward passes skip one write each.
+            x = torch.relu_(layer(x))
         return last(x)  # (B, out_features)
 
 
@@ -75,7 +77,7 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv in self.convs:  # (B, C, H, W) -> (B, C', H/2, W/2)
-            x = F.max_pool2d(torch.relu(conv(x)), 2)
+            x = F.max_pool2d(torch.relu_(conv(x)), 2)  # in place, as in MLP
         return self.head(x)
 
 
