@@ -165,6 +165,7 @@ class Landscape:
         along = 0 if self._layer_output is None else self._layer_output.numel()
         return along + (2 * self._base_outputs.numel() if self.keeps_outputs else 0)
 
+    @torch.no_grad()
     def surrogate_total(self, c: float, scored: Sequence[tuple[float, torch.Tensor]]) -> float:
         """The summed loss at c of outputs interpolated sample by sample, quadratic in
         c through those at w* (c = 0) and at two scored points (coefficient, outputs).
@@ -178,8 +179,7 @@ class Landscape:
         w1 = c * (c - c2) / (c1 * (c1 - c2))
         w2 = c * (c - c1) / (c2 * (c2 - c1))
         outputs = self._base_outputs * (1 - w1 - w2) + z1 * w1 + z2 * w2
-        with torch.no_grad():
-            return self.loss_fn(outputs, self.y).item() * self.size
+        return self.loss_fn(outputs, self.y).item() * self.size
 
     def walks(self, directions: torch.Tensor) -> Walks:
         """Directions (B, n) ready to score: the input layer run along each, one
@@ -361,20 +361,17 @@ class Landscape:
             totals[active] += self._sums(outputs, self.y[start:stop])
             samples[active] += stop - start
             if self.keeps_outputs:
-                # a copy where one pass scored several points, so that a kept
-                # point's outputs do not hold on to the others'
                 for point, output in zip(active.tolist(), outputs.unbind()):
-                    pieces[point].append(output.clone() if len(outputs) > 1 else output)
+                    pieces[point].append(output)
             remaining = self.size - stop
             running = totals[active]
             most = running + remaining * self.sample_max if remaining else running
             active = active[(running <= stop_above[active]) & (most > stop_below[active])]
             if len(active) == 0:
                 break
+        # a copy: a kept point's outputs must not hold on to the pass they came from
         whole = [
-            (parts[0] if len(parts) == 1 else torch.cat(parts))
-            if parts and n == self.size
-            else None
+            torch.cat(parts) if parts and n == self.size else None
             for parts, n in zip(pieces, samples)
         ]
         return totals, samples, whole
