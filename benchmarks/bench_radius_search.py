@@ -133,21 +133,33 @@ def main() -> None:
     start = time.perf_counter()
     meter = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
     setup = time.perf_counter() - start
-    # Interleaved rounds, medians: this VM's speed drifts by tens of percent.
-    baseline_times, our_times, call_times, frames, grid_rounds = [], [], [], [], []
+    # The same meter with PyTorch's own kernels for the output layer and the loss, as
+    # other models and losses get (see `classifier_head`).
+    plain_kernels = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
+    plain_kernels.landscape.loss_fn, plain_kernels.landscape._heads = F.cross_entropy, []
+    # Interleaved rounds, medians: this VM's speed drifts by tens of percent. Each round
+    # runs every arm once, in an order rotated from round to round, so that none always
+    # follows the cache-flushing paper-style passes.
+    grid_rounds, frames = [], []
+    arms = {
+        "paper": (base_k, lambda r: grid_rounds.append(
+            paper_stage_one(model, x, y, 1 + r * base_k, base_k))),
+        "ours": (ours_k, lambda r: frames.append(meter.measure(r * ours_k, ours_k))),
+        "plain kernels": (ours_k, lambda r: plain_kernels.measure(r * ours_k, ours_k)),
+        "one call": (ours_k, lambda r: measure_radii(
+            model, x, y, F.cross_entropy, num_directions=ours_k, start=r * ours_k,
+            thresholds=(THRESHOLD,))),
+    }  # fmt: skip
+    times = {name: [] for name in arms}  # per round, seconds per direction
+    names = list(arms)
     for round_ in range(args.rounds):
-        start = time.perf_counter()
-        grid_rounds.append(paper_stage_one(model, x, y, 1 + round_ * base_k, base_k))
-        baseline_times.append((time.perf_counter() - start) / base_k)
-        start = time.perf_counter()
-        frames.append(meter.measure(round_ * ours_k, ours_k))
-        our_times.append((time.perf_counter() - start) / ours_k)
-        start = time.perf_counter()
-        measure_radii(
-            model, x, y, F.cross_entropy, num_directions=ours_k, start=round_ * ours_k,
-            thresholds=(THRESHOLD,),
-        )  # fmt: skip
-        call_times.append((time.perf_counter() - start) / ours_k)
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            count, run = arms[name]
+            start = time.perf_counter()
+            run(round_)
+            times[name].append((time.perf_counter() - start) / count)
+    baseline_times, our_times, call_times = times["paper"], times["ours"], times["one call"]
+    head_ratios = np.array(times["plain kernels"]) / np.array(our_times)
     baseline, per_direction = float(np.median(baseline_times)), float(np.median(our_times))
     per_call = float(np.median(call_times))
     ours = pd.concat(frames, ignore_index=True)
@@ -199,6 +211,11 @@ def main() -> None:
     print(
         f"GFLOP/s while evaluating: volume_ray {achieved:.0f}, paper-style {baseline_rate:.0f}, "
         f"GEMM peak {peak:.0f} (volume_ray at {achieved / peak:.0%} of peak)"
+    )
+    print(
+        f"classifier head kernels (oneDNN output layer, class-major cross-entropy): "
+        f"{np.median(head_ratios):.3f}x, median over rounds of the time with PyTorch's own "
+        f"kernels over the time with them"
     )
     print(
         f"time per evaluation, direction costs included: volume_ray "

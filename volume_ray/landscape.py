@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from volume_ray.classifier_head import faster_loss, heads_through_onednn, onednn_heads
 from volume_ray.directions import PerturbedParameters
 from volume_ray.input_layer import find_input_layer
 
@@ -124,7 +125,7 @@ class Landscape:
     ):
         self.model = model
         self.params = params
-        self.loss_fn = loss_fn
+        self.loss_fn = faster_loss(loss_fn, y) or loss_fn  # see `classifier_head`
         self.metric = metric
         self.points_per_pass = points_per_pass
         self.size = len(x)
@@ -149,6 +150,15 @@ class Landscape:
         self._layer_output: torch.Tensor | None = None  # h*, its output at w*
         if self.input_layer is not None:
             self._keep_input_layer_output()
+        # A classifier's output layer multiplies through oneDNN on the CPU (see
+        # `classifier_head`), one point per pass: vmap cannot batch oneDNN's op.
+        kept_layer = [] if self.input_layer is None else [self.input_layer.module]
+        rows = max(stop - start for start, stop in self._full_chunks)
+        self._heads = (
+            onednn_heads(model, x.device, rows, exclude=kept_layer)
+            if self.points_per_pass == 1
+            else []
+        )
         # The outputs of fully scored points feed the surrogate (loss metric only).
         self.keeps_outputs = keep_outputs and metric == "loss"
         still = self.walks(params.flat.new_zeros(1, params.count))
@@ -298,7 +308,7 @@ class Landscape:
         totals = np.zeros(count)
         samples = np.zeros(count, dtype=np.int64)
         outputs: list[torch.Tensor | None] = [None] * count
-        with self._point_loaded():
+        with self._point_loaded(), heads_through_onednn(self._heads):
             for first in range(0, count, self.points_per_pass):
                 group = slice(first, first + self.points_per_pass)
                 if count - first == 1 or self.points_per_pass == 1:

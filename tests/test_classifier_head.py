@@ -1,0 +1,145 @@
+"""A classifier's output layer and cross-entropy: the same values by faster kernels."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from volume_ray.classifier_head import (
+    CLASS_MAJOR_ROWS,
+    FEW_CLASSES,
+    ONEDNN_ROWS,
+    cross_entropy,
+    faster_loss,
+    heads_through_onednn,
+    onednn_heads,
+)
+from volume_ray.directions import perturbed_parameters, raw_directions
+from volume_ray.landscape import Landscape
+
+CPU = torch.device("cpu")
+
+
+def logits_and_targets(rows, classes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    outputs = 3 * torch.randn(rows, classes, generator=generator)
+    return outputs, torch.randint(0, classes, (rows,), generator=generator)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10, 15, 16, 100])
+@pytest.mark.parametrize("rows", [CLASS_MAJOR_ROWS - 1, CLASS_MAJOR_ROWS, 3000])
+def test_cross_entropy_equals_torch_and_goes_class_major_by_its_rule(rows, classes):
+    outputs, targets = logits_and_targets(rows, classes)
+    ours = cross_entropy(outputs, targets)
+    assert ours.item() == pytest.approx(F.cross_entropy(outputs, targets).item(), rel=1e-6)
+    # by hand, in float64: log-sum-exp of each row minus its target's logit
+    wide = outputs.double()
+    by_hand = (wide.logsumexp(1) - wide[torch.arange(rows), targets]).mean().item()
+    assert ours.item() == pytest.approx(by_hand, rel=1e-6)
+    class_major = classes in FEW_CLASSES and rows >= CLASS_MAJOR_ROWS
+    down_the_columns = F.cross_entropy(outputs.t().contiguous().unsqueeze(0), targets[None])
+    assert torch.equal(ours, down_the_columns if class_major else F.cross_entropy(outputs, targets))
+
+
+def test_cross_entropy_works_inside_vmap():
+    outputs, targets = logits_and_targets(3 * 400, 10)
+    batched = outputs.view(3, 400, 10)
+    ours = torch.func.vmap(cross_entropy, in_dims=(0, None))(batched, targets[:400])
+    plain = torch.stack([F.cross_entropy(o, targets[:400]) for o in batched])
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, nn.CrossEntropyLoss()])
+def test_plain_cross_entropy_on_class_indices_has_a_faster_equivalent(loss_fn):
+    assert faster_loss(loss_fn, torch.tensor([0, 3, 9])) is cross_entropy
+
+
+@pytest.mark.parametrize(
+    "loss_fn, targets",
+    [
+        (nn.CrossEntropyLoss(weight=torch.ones(10)), torch.tensor([0, 3])),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), torch.tensor([0, 3])),
+        (nn.CrossEntropyLoss(reduction="sum"), torch.tensor([0, 3])),
+        (F.cross_entropy, torch.tensor([0, -100])),  # the ignored index
+        (F.cross_entropy, torch.tensor([[0.2, 0.8], [1.0, 0.0]])),  # soft targets
+        (F.cross_entropy, torch.zeros(0, dtype=torch.long)),
+        (F.cross_entropy, torch.zeros(4, 7, dtype=torch.long)),  # sequences
+        (F.mse_loss, torch.tensor([0.0, 1.0])),
+        (lambda out, y: F.cross_entropy(out, y), torch.tensor([0, 3])),  # a wrapper
+    ],
+)
+def test_other_losses_and_targets_have_none(loss_fn, targets):
+    assert faster_loss(loss_fn, targets) is None
+
+
+class Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_onednn_heads_are_plain_linear_layers_of_six_to_twelve_outputs():
+    first, hidden, head, wide = (
+        nn.Linear(8, 6),
+        nn.Linear(6, 32),
+        nn.Linear(32, 12),
+        nn.Linear(12, 13),
+    )
+    model = nn.Sequential(first, hidden, head, wide, Scaled(13, 10))
+    assert onednn_heads(model, CPU, ONEDNN_ROWS) == [first, head]
+    assert onednn_heads(model, CPU, ONEDNN_ROWS, exclude=[first]) == [head]
+    assert onednn_heads(model, CPU, ONEDNN_ROWS - 1) == []  # too few rows to pay
+    assert onednn_heads(model, torch.device("meta"), ONEDNN_ROWS) == []
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_heads_through_onednn_give_the_same_outputs(bias):
+    torch.manual_seed(0)
+    head = nn.Linear(64, 10, bias=bias)
+    many, few = torch.randn(ONEDNN_ROWS + 37, 64), torch.randn(ONEDNN_ROWS - 1, 64)
+    sequences = torch.randn(4, ONEDNN_ROWS // 2, 64)  # (B, T, K): B*T rows
+    assert onednn_heads(head, CPU, ONEDNN_ROWS) == [head]
+    with torch.no_grad():
+        plain = [head(many), head(few), head(sequences)]
+        with heads_through_onednn([head]):
+            assert "forward" in vars(head)
+            ours = [head(many), head(few), head(sequences)]
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[1], plain[1])  # few rows: F.linear itself
+    assert "forward" not in vars(head)  # the class's own forward again
+
+
+def test_heads_get_their_own_forward_back_after_an_error():
+    head = nn.Linear(4, 10)
+    with pytest.raises(RuntimeError, match="inside"), heads_through_onednn([head]):
+        raise RuntimeError("inside")
+    assert "forward" not in vars(head)
+
+
+@pytest.mark.parametrize("points_per_pass", [1, 3])
+def test_a_landscape_scores_a_classifier_as_a_plain_forward(points_per_pass):
+    """Enough samples for both fast kernels; sums and outputs match a plain forward."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(ONEDNN_ROWS + 100, 20, generator=generator)
+    y = torch.randint(0, 10, (len(x),), generator=generator)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    params = perturbed_parameters(model)
+    directions = raw_directions(params, seed=1, indices=range(3)) * 0.1
+    landscape = Landscape(model, params, x, y, F.cross_entropy, points_per_pass=points_per_pass)
+    assert landscape.loss_fn is cross_entropy
+    assert landscape._heads == ([model[4]] if points_per_pass == 1 else [])
+    coefficients = [0.5, 1.0, 2.0]
+    scores = landscape.score(
+        landscape.walks(directions), range(3), coefficients, np.full(3, np.inf), np.full(3, -np.inf)
+    )
+    for k, (d, c) in enumerate(zip(directions, coefficients)):
+        weights = params.tensors(params.flat + c * d)
+        outputs = torch.func.functional_call(model, weights, (landscape.x,))  # its order
+        expected = F.cross_entropy(outputs, landscape.y, reduction="sum").item()
+        assert scores.lower[k] == pytest.approx(expected, rel=1e-5)
+        torch.testing.assert_close(scores.outputs[k], outputs, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in vars(m) for m in model.modules())
