@@ -123,6 +123,6 @@ def _onednn_works() -> bool:
     weight, bias = torch.randn(10, 64, generator=generator), torch.randn(10, generator=generator)
     try:
         ours = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # another signature in another torch
         return False
     return torch.allclose(ours, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)

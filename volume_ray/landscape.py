@@ -107,7 +107,8 @@ class Landscape:
     `input_layer`) and its output fits INPUT_LAYER_FLOATS, that output is computed
     once per direction instead of at every point. With `keep_outputs` (loss metric,
     outputs up to OUTPUT_FLOATS), fully scored points return their outputs, from which
-    `surrogate_total` models the loss between them.
+    `surrogate_total` models the loss between them. On the CPU, plain cross-entropy and
+    a classifier's output layer run on the faster kernels of `classifier_head`.
     """
 
     def __init__(
@@ -330,7 +331,9 @@ class Landscape:
         upper[~np.isfinite(totals)] = math.inf
         return Scores(lower=totals, upper=upper, samples=samples, outputs=outputs)
 
-    def _model_on(self, _active, chunk: slice, *, along, row: int, c: float) -> torch.Tensor:
+    def _model_on(
+        self, _active: list[int], chunk: slice, *, along, row: int, c: float
+    ) -> torch.Tensor:
         """Outputs (1, B, ...) of the loaded module on a chunk, its input layer's
         output given as h* + c*g where it is kept."""
         if along is None:
@@ -339,45 +342,49 @@ class Landscape:
         with self.input_layer.replaced(h):
             return self.model(self.x[chunk]).unsqueeze(0)
 
-    def _batch_on(self, active, chunk: slice, *, along, picked, scale, weights) -> torch.Tensor:
+    def _batch_on(
+        self, active: list[int], chunk: slice, *, along, picked, scale, weights
+    ) -> torch.Tensor:
         """Outputs (G', B, ...) of the still-active points of a group on a chunk."""
         index = torch.as_tensor(active, device=weights.device)
         if along is None:
             return vmap(self._forward, in_dims=(0, None))(weights[index], self.x[chunk])
-        g = torch.stack([along[picked[k]][chunk] for k in active.tolist()])  # (G', B, ...)
+        g = torch.stack([along[picked[k]][chunk] for k in active])  # (G', B, ...)
         h = self._layer_output[chunk] + scale[index].view(-1, *[1] * (g.dim() - 1)) * g
         forward = vmap(self._forward_from, in_dims=(0, 0, None))
         return forward(weights[index], h, self.x[chunk])
 
     def _score_chunks(
         self,
-        outputs_of: Callable[[np.ndarray, slice], torch.Tensor],
+        outputs_of: Callable[[list[int], slice], torch.Tensor],
         stop_above: np.ndarray,
         stop_below: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor | None]]:
+    ) -> tuple[list[float], list[int], list[torch.Tensor | None]]:
         """Chunk by chunk, the summed metric of G points whose outputs on a chunk are
         `outputs_of(active, chunk)`; a point leaves `active` once decided. Also the
-        outputs on every sample of each point scored fully, where they are kept."""
-        totals = np.zeros(len(stop_above))
-        samples = np.zeros(len(stop_above), dtype=np.int64)
-        pieces: list[list[torch.Tensor]] = [[] for _ in stop_above]
-        active = np.arange(len(stop_above))
-        may_stop = np.isfinite(stop_above).any() or (
-            math.isfinite(self.sample_max) and np.isfinite(stop_below).any()
-        )
-        chunks = self._early_chunks if may_stop else self._full_chunks
+        outputs on every sample of each point scored fully, where they are kept.
+        (Plain lists: a group holds a few points, and numpy's per-call cost on such
+        small arrays would outweigh the work.)"""
+        above, below = stop_above.tolist(), stop_below.tolist()
+        totals, samples = [0.0] * len(above), [0] * len(above)
+        pieces: list[list[torch.Tensor]] = [[] for _ in above]
+        active = list(range(len(above)))
+        bounded = [*above, *(below if math.isfinite(self.sample_max) else [])]
+        chunks = self._early_chunks if any(map(math.isfinite, bounded)) else self._full_chunks
         for start, stop in chunks:
             outputs = outputs_of(active, slice(start, stop))
-            totals[active] += self._sums(outputs, self.y[start:stop])
-            samples[active] += stop - start
-            if self.keeps_outputs:
-                for point, output in zip(active.tolist(), outputs.unbind()):
+            sums = self._sums(outputs, self.y[start:stop]).tolist()
+            most = (self.size - stop) * self.sample_max if stop < self.size else 0.0
+            still = []
+            for point, total, output in zip(active, sums, outputs.unbind()):
+                totals[point] += total
+                samples[point] = stop
+                if self.keeps_outputs:
                     pieces[point].append(output)
-            remaining = self.size - stop
-            running = totals[active]
-            most = running + remaining * self.sample_max if remaining else running
-            active = active[(running <= stop_above[active]) & (most > stop_below[active])]
-            if len(active) == 0:
+                if totals[point] <= above[point] and totals[point] + most > below[point]:
+                    still.append(point)
+            active = still
+            if not active:
                 break
         # a copy: a kept point's outputs must not hold on to the pass they came from
         whole = [
