@@ -133,10 +133,11 @@ def main() -> None:
     start = time.perf_counter()
     meter = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
     setup = time.perf_counter() - start
-    # The same meter with PyTorch's own kernels for the output layer and the loss, as
-    # other models and losses get (see `classifier_head`).
+    # The same meter with PyTorch's own kernels for the Linear layers and the loss, as
+    # other models and losses get (see `cpu_kernels`).
     plain_kernels = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
-    plain_kernels.landscape.loss_fn, plain_kernels.landscape._heads = F.cross_entropy, []
+    plain_kernels.landscape.loss_fn = F.cross_entropy
+    plain_kernels.landscape._onednn_linears = []
     # Interleaved rounds, medians: this VM's speed drifts by tens of percent. Each round
     # runs every arm once, in an order rotated from round to round, so that none always
     # follows the cache-flushing paper-style passes.
@@ -213,7 +214,7 @@ def main() -> None:
         f"GEMM peak {peak:.0f} (volume_ray at {achieved / peak:.0%} of peak)"
     )
     print(
-        f"classifier head kernels (oneDNN output layer, class-major cross-entropy): "
+        f"CPU kernels (oneDNN Linear layers, class-major cross-entropy): "
         f"{np.median(head_ratios):.3f}x, median over rounds of the time with PyTorch's own "
         f"kernels over the time with them"
     )

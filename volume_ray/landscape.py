@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from volume_ray.classifier_head import faster_loss, heads_through_onednn, onednn_heads
+from volume_ray.cpu_kernels import faster_loss, linears_through_onednn, onednn_linears
 from volume_ray.directions import PerturbedParameters
 from volume_ray.input_layer import find_input_layer
 
@@ -108,7 +108,7 @@ class Landscape:
     once per direction instead of at every point. With `keep_outputs` (loss metric,
     outputs up to OUTPUT_FLOATS), fully scored points return their outputs, from which
     `surrogate_total` models the loss between them. On the CPU, plain cross-entropy and
-    a classifier's output layer run on the faster kernels of `classifier_head`.
+    Linear layers of some shapes run on the faster kernels of `cpu_kernels`.
     """
 
     def __init__(
@@ -126,7 +126,7 @@ class Landscape:
     ):
         self.model = model
         self.params = params
-        self.loss_fn = faster_loss(loss_fn, y) or loss_fn  # see `classifier_head`
+        self.loss_fn = faster_loss(loss_fn, y) or loss_fn  # see `cpu_kernels`
         self.metric = metric
         self.points_per_pass = points_per_pass
         self.size = len(x)
@@ -151,12 +151,12 @@ class Landscape:
         self._layer_output: torch.Tensor | None = None  # h*, its output at w*
         if self.input_layer is not None:
             self._keep_input_layer_output()
-        # A classifier's output layer multiplies through oneDNN on the CPU (see
-        # `classifier_head`), one point per pass: vmap cannot batch oneDNN's op.
+        # Linear layers of some shapes multiply through oneDNN on the CPU (see
+        # `cpu_kernels`), one point per pass: vmap cannot batch oneDNN's op.
         kept_layer = [] if self.input_layer is None else [self.input_layer.module]
         rows = max(stop - start for start, stop in self._full_chunks)
-        self._heads = (
-            onednn_heads(model, x.device, rows, exclude=kept_layer)
+        self._onednn_linears = (
+            onednn_linears(model, x.device, rows, exclude=kept_layer)
             if self.points_per_pass == 1
             else []
         )
@@ -309,7 +309,7 @@ class Landscape:
         totals = np.zeros(count)
         samples = np.zeros(count, dtype=np.int64)
         outputs: list[torch.Tensor | None] = [None] * count
-        with self._point_loaded(), heads_through_onednn(self._heads):
+        with self._point_loaded(), linears_through_onednn(self._onednn_linears):
             for first in range(0, count, self.points_per_pass):
                 group = slice(first, first + self.points_per_pass)
                 if count - first == 1 or self.points_per_pass == 1:

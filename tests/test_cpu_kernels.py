@@ -1,4 +1,4 @@
-"""A classifier's output layer and cross-entropy: the same values by faster kernels."""
+"""Linear layers and cross-entropy on faster CPU kernels: the same values."""
 
 import numpy as np
 import pytest
@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from volume_ray.classifier_head import (
+from volume_ray.cpu_kernels import (
     CLASS_MAJOR_ROWS,
     FEW_CLASSES,
     ONEDNN_ROWS,
     cross_entropy,
     faster_loss,
-    heads_through_onednn,
-    onednn_heads,
+    linears_through_onednn,
+    onednn_linears,
 )
 from volume_ray.directions import perturbed_parameters, raw_directions
 from volume_ray.landscape import Landscape
@@ -78,30 +78,33 @@ class Scaled(nn.Linear):
         return 2 * super().forward(x)
 
 
-def test_onednn_heads_are_plain_linear_layers_of_six_to_twelve_outputs():
-    first, hidden, head, wide = (
+def test_onednn_linears_are_plain_linear_layers_of_the_shapes_it_multiplies_faster():
+    head, narrow, wide, few = (
         nn.Linear(8, 6),
-        nn.Linear(6, 32),
-        nn.Linear(32, 12),
-        nn.Linear(12, 13),
+        nn.Linear(6, 300),
+        nn.Linear(300, 16),
+        nn.Linear(16, 13),
     )
-    model = nn.Sequential(first, hidden, head, wide, Scaled(13, 10))
-    assert onednn_heads(model, CPU, ONEDNN_ROWS) == [first, head]
-    assert onednn_heads(model, CPU, ONEDNN_ROWS, exclude=[first]) == [head]
-    assert onednn_heads(model, CPU, ONEDNN_ROWS - 1) == []  # too few rows to pay
-    assert onednn_heads(model, torch.device("meta"), ONEDNN_ROWS) == []
+    model = nn.Sequential(
+        head, narrow, wide, few, nn.Linear(13, 12), nn.Linear(256, 4), Scaled(300, 10)
+    )
+    # 6-12 outputs, or at least 256 inputs and 16 outputs; never a subclass
+    assert onednn_linears(model, CPU, ONEDNN_ROWS) == [head, wide, model[4]]
+    assert onednn_linears(model, CPU, ONEDNN_ROWS, exclude=[head]) == [wide, model[4]]
+    assert onednn_linears(model, CPU, ONEDNN_ROWS - 1) == []  # too few rows to pay
+    assert onednn_linears(model, torch.device("meta"), ONEDNN_ROWS) == []
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_heads_through_onednn_give_the_same_outputs(bias):
+def test_linears_through_onednn_give_the_same_outputs(bias):
     torch.manual_seed(0)
     head = nn.Linear(64, 10, bias=bias)
     many, few = torch.randn(ONEDNN_ROWS + 37, 64), torch.randn(ONEDNN_ROWS - 1, 64)
     sequences = torch.randn(4, ONEDNN_ROWS // 2, 64)  # (B, T, K): B*T rows
-    assert onednn_heads(head, CPU, ONEDNN_ROWS) == [head]
+    assert onednn_linears(head, CPU, ONEDNN_ROWS) == [head]
     with torch.no_grad():
         plain = [head(many), head(few), head(sequences)]
-        with heads_through_onednn([head]):
+        with linears_through_onednn([head]):
             assert "forward" in vars(head)
             ours = [head(many), head(few), head(sequences)]
     for a, b in zip(ours, plain):
@@ -110,28 +113,29 @@ def test_heads_through_onednn_give_the_same_outputs(bias):
     assert "forward" not in vars(head)  # the class's own forward again
 
 
-def test_heads_get_their_own_forward_back_after_an_error():
+def test_linears_get_their_own_forward_back_after_an_error():
     head = nn.Linear(4, 10)
-    with pytest.raises(RuntimeError, match="inside"), heads_through_onednn([head]):
+    with pytest.raises(RuntimeError, match="inside"), linears_through_onednn([head]):
         raise RuntimeError("inside")
     assert "forward" not in vars(head)
 
 
 @pytest.mark.parametrize("points_per_pass", [1, 3])
 def test_a_landscape_scores_a_classifier_as_a_plain_forward(points_per_pass):
-    """Enough samples for both fast kernels; sums and outputs match a plain forward."""
+    """Enough samples for both kinds of kernel; sums and outputs match a plain forward."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(ONEDNN_ROWS + 100, 20, generator=generator)
     y = torch.randint(0, 10, (len(x),), generator=generator)
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+        nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10)
     )
     params = perturbed_parameters(model)
     directions = raw_directions(params, seed=1, indices=range(3)) * 0.1
     landscape = Landscape(model, params, x, y, F.cross_entropy, points_per_pass=points_per_pass)
     assert landscape.loss_fn is cross_entropy
-    assert landscape._heads == ([model[4]] if points_per_pass == 1 else [])
+    routed = [model[2], model[4]] if points_per_pass == 1 else []
+    assert landscape._onednn_linears == routed
     coefficients = [0.5, 1.0, 2.0]
     scores = landscape.score(
         landscape.walks(directions), range(3), coefficients, np.full(3, np.inf), np.full(3, -np.inf)

@@ -1,22 +1,24 @@
-"""A classifier's output layer and its cross-entropy, fast on the CPU.
+"""Faster exact CPU kernels for a walk's Linear layers and its cross-entropy.
 
-A landscape scores a classifier thousands of times on the same samples, and with a
-handful of classes PyTorch's CPU kernels for the last two steps run far below their
-usual speed:
+A landscape runs the same model thousands of times on the same samples, so a kernel
+that is slow at its shapes costs in every evaluation. On the CPU two are:
 
-- the log-softmax of `F.cross_entropy`, along a last dim of fewer than 16 classes:
+- the log-softmax of `F.cross_entropy`, along a last dim of fewer than 16 classes.
   `cross_entropy` lays the logits out class-major, (C, B), and takes it along dim 0,
-  across the samples. For 3-15 classes and 200-4000 samples that is 1.1-9x faster
-  (1.8-7.4x for 10 classes and 300 or more), copy included;
-- the output layer's matrix product with 6-12 columns: MKL's sgemm (PyTorch's CPU
-  default) takes 1.2-2.4x as long as oneDNN's for 1024 rows or more, so
-  `heads_through_onednn` sends such layers to oneDNN's.
+  across the samples: for 3-15 classes and 200-4000 samples, 1.1-9x faster (1.8-7.4x
+  for 10 classes and 300 or more), copy included;
+- MKL's sgemm, PyTorch's default for an fp32 nn.Linear, against oneDNN's for 1024 rows
+  or more: for 6-12 outputs (a classifier's output layer) MKL takes 1.2-2.4x as long,
+  and for 256 inputs or more and 16 outputs or more 1.0-1.4x (the bias, which MKL adds
+  by a pass of its own, included). `linears_through_onednn` sends those layers to
+  oneDNN's product; others (few outputs, narrow inputs) stay with MKL, which is as
+  fast or faster there.
 
-(1 and 2 threads, this project's AMD EPYC machines; elsewhere PyTorch's own kernels
-are kept, and `benchmarks/bench_radius_search.py` prints the gain in situ.) Both
-compute the same function in fp32, so values differ by rounding only (about 1e-7
-relative), and each is chosen by a fixed rule on shapes, never by timing, so a
-point's value does not depend on the machine's load.
+Measured kernel by kernel, at 1 and 2 threads on this project's AMD EPYC machines;
+`benchmarks/bench_radius_search.py` prints the gain in a whole search. Both compute
+the same functions in fp32, so values differ by rounding only (about 1e-7 relative),
+and each is chosen by a fixed rule on shapes, never by timing, so a point's value
+does not depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["cross_entropy", "faster_loss", "heads_through_onednn", "onednn_heads"]
+__all__ = ["cross_entropy", "faster_loss", "linears_through_onednn", "onednn_linears"]
 
 FEW_CLASSES = range(3, 16)  # where the class-major log-softmax is faster,
 CLASS_MAJOR_ROWS = 200  # given at least this many samples (measured)
-HEAD_WIDTHS = range(6, 13)  # output widths where oneDNN's product is faster,
+HEAD_WIDTHS = range(6, 13)  # outputs of a layer that oneDNN multiplies faster,
+WIDE_INPUTS, WIDE_OUTPUTS = 256, 16  # as it does layers at least this wide,
 ONEDNN_ROWS = 1024  # given at least this many rows (measured)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,35 +74,38 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets)
 
 
-def onednn_heads(
+def onednn_linears(
     model: nn.Module, device: torch.device, rows: int, exclude: Sequence[nn.Module] = ()
 ) -> list[nn.Linear]:
-    """The model's Linear layers of 6-12 outputs (its output layer, for a classifier
-    of about ten classes), for `heads_through_onednn` on batches of up to `rows`
-    samples. Only layers of exactly type nn.Linear qualify, as a subclass may override
-    forward; none of those in `exclude`, and none where oneDNN's product would not
-    run (off the CPU, fewer than ONEDNN_ROWS rows) or is missing or disagrees."""
+    """The model's Linear layers that oneDNN multiplies faster on batches of up to
+    `rows` samples, for `linears_through_onednn`. Only layers of exactly type nn.Linear
+    qualify, as a subclass may override forward; none of those in `exclude`, and none
+    where oneDNN's product would not run (off the CPU, fewer than ONEDNN_ROWS rows) or
+    is missing or disagrees."""
     if device.type != "cpu" or rows < ONEDNN_ROWS or not _onednn_works():
         return []
     return [
         m
         for m in model.modules()
         if type(m) is nn.Linear
-        and m.out_features in HEAD_WIDTHS
+        and (
+            m.out_features in HEAD_WIDTHS
+            or (m.in_features >= WIDE_INPUTS and m.out_features >= WIDE_OUTPUTS)
+        )
         and all(m is not other for other in exclude)
     ]
 
 
 @contextmanager
-def heads_through_onednn(heads: Sequence[nn.Linear]) -> Iterator[None]:
-    """Within the block, `heads` multiply through oneDNN when their input has at least
-    ONEDNN_ROWS rows. Not for use inside vmap: oneDNN's op has no batching rule."""
-    for module in heads:
+def linears_through_onednn(linears: Sequence[nn.Linear]) -> Iterator[None]:
+    """Within the block, `linears` multiply through oneDNN when their input has at
+    least ONEDNN_ROWS rows. Not for use inside vmap: oneDNN's op has no batching rule."""
+    for module in linears:
         module.forward = partial(_onednn_linear, module)
     try:
         yield
     finally:
-        for module in heads:
+        for module in linears:
             del module.forward
 
 
