@@ -374,14 +374,14 @@ class Landscape:
         for start, stop in chunks:
             outputs = outputs_of(active, slice(start, stop))
             sums = self._sums(outputs, self.y[start:stop]).tolist()
-            most = (self.size - stop) * self.sample_max if stop < self.size else 0.0
+            rest = (self.size - stop) * self.sample_max if stop < self.size else 0.0  # at most
             still = []
             for point, total, output in zip(active, sums, outputs.unbind()):
                 totals[point] += total
                 samples[point] = stop
                 if self.keeps_outputs:
                     pieces[point].append(output)
-                if totals[point] <= above[point] and totals[point] + most > below[point]:
+                if totals[point] <= above[point] and totals[point] + rest > below[point]:
                     still.append(point)
             active = still
             if not active:
