@@ -5,14 +5,14 @@ that is slow at its shapes costs in every evaluation. On the CPU two are:
 
 - the log-softmax of `F.cross_entropy`, along a last dim of fewer than 16 classes.
   `cross_entropy` lays the logits out class-major, (C, B), and takes it along dim 0,
-  across the samples: for 3-15 classes and 200-4000 samples, 1.1-9x faster (1.8-7.4x
+  across the samples: for 3-15 classes and 200-4000 samples, 1.1-9x faster (2.5-7.4x
   for 10 classes and 300 or more), copy included;
 - MKL's sgemm, PyTorch's default for an fp32 nn.Linear, against oneDNN's for 1024 rows
-  or more: for 6-12 outputs (a classifier's output layer) MKL takes 1.2-2.4x as long,
-  and for 256 inputs or more and 16 outputs or more 1.0-1.4x (the bias, which MKL adds
-  by a pass of its own, included). `linears_through_onednn` sends those layers to
-  oneDNN's product; others (few outputs, narrow inputs) stay with MKL, which is as
-  fast or faster there.
+  or more: for 6-12 outputs (a classifier's output layer) MKL takes 1.0-2.4x as long
+  (1.3-2.4x for 10), and for 256 inputs or more and 16 outputs or more 1.0-1.4x (the
+  bias, which MKL adds by a pass of its own, included). `linears_through_onednn`
+  sends those layers to oneDNN's product; others (few outputs, narrow inputs) stay
+  with MKL, which is as fast or faster there.
 
 Measured kernel by kernel, at 1 and 2 threads on this project's AMD EPYC machines;
 `benchmarks/bench_radius_search.py` prints the gain in a whole search. Both compute
