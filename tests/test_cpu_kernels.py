@@ -42,6 +42,12 @@ def test_cross_entropy_equals_torch_and_goes_class_major_by_its_rule(rows, class
     assert torch.equal(ours, down_the_columns if class_major else F.cross_entropy(outputs, targets))
 
 
+def test_cross_entropy_takes_soft_targets_as_torch_does():
+    outputs, _ = logits_and_targets(CLASS_MAJOR_ROWS, 10)
+    soft = torch.softmax(torch.randn(CLASS_MAJOR_ROWS, 10), dim=1)
+    assert torch.equal(cross_entropy(outputs, soft), F.cross_entropy(outputs, soft))
+
+
 def test_cross_entropy_works_inside_vmap():
     outputs, targets = logits_and_targets(3 * 400, 10)
     batched = outputs.view(3, 400, 10)

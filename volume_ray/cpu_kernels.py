@@ -65,6 +65,7 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """`F.cross_entropy(outputs, targets)`, over class-major logits where that is faster."""
     if (
         outputs.dim() == 2
+        and targets.dim() == 1
         and outputs.device.type == "cpu"
         and len(outputs) >= CLASS_MAJOR_ROWS
         and outputs.shape[1] in FEW_CLASSES
