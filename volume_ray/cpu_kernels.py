@@ -114,8 +114,15 @@ def _onednn_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, through oneDNN when x has enough rows."""
     rows = x.numel() // max(x.shape[-1], 1)
     if rows >= ONEDNN_ROWS and x.dtype == module.weight.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [], "")
+        return _onednn_product(x, module.weight, module.bias)
     return F.linear(x, module.weight, module.bias)
+
+
+def _onednn_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` by oneDNN: the op Inductor uses, with no fused op."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 @cache
@@ -129,7 +136,7 @@ def _onednn_works() -> bool:
     x = torch.randn(ONEDNN_ROWS, 64, generator=generator)
     weight, bias = torch.randn(10, 64, generator=generator), torch.randn(10, generator=generator)
     try:
-        ours = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        ours = _onednn_product(x, weight, bias)
     except (RuntimeError, TypeError):  # another signature in another torch
         return False
     return torch.allclose(ours, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
