@@ -133,9 +133,11 @@ def main() -> None:
     start = time.perf_counter()
     meter = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
     setup = time.perf_counter() - start
-    # The same meter with PyTorch's own kernels for the Linear layers and the loss, as
+    # One walk at a time, each op on torch's threads, as a meter with one lane runs;
+    # and the same with PyTorch's own kernels for the Linear layers and the loss, as
     # other models and losses get (see `cpu_kernels`).
-    plain_kernels = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
+    one_lane = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,), lanes=1)
+    plain_kernels = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,), lanes=1)
     plain_kernels.landscape.loss_fn = F.cross_entropy
     plain_kernels.landscape._onednn_linears = []
     # Interleaved rounds, medians: this VM's speed drifts by tens of percent. Each round
@@ -147,6 +149,7 @@ def main() -> None:
             paper_stage_one(model, x, y, 1 + r * base_k, base_k))),
         "ours": (ours_k, lambda r: frames.append(meter.measure(r * ours_k, ours_k))),
         "plain kernels": (ours_k, lambda r: plain_kernels.measure(r * ours_k, ours_k)),
+        "one lane": (ours_k, lambda r: one_lane.measure(r * ours_k, ours_k)),
         "one call": (ours_k, lambda r: measure_radii(
             model, x, y, F.cross_entropy, num_directions=ours_k, start=r * ours_k,
             thresholds=(THRESHOLD,))),
@@ -160,7 +163,8 @@ def main() -> None:
             run(round_)
             times[name].append((time.perf_counter() - start) / count)
     baseline_times, our_times, call_times = times["paper"], times["ours"], times["one call"]
-    head_ratios = np.array(times["plain kernels"]) / np.array(our_times)
+    head_ratios = np.array(times["plain kernels"]) / np.array(times["one lane"])
+    lane_ratios = np.array(times["one lane"]) / np.array(our_times)
     baseline, per_direction = float(np.median(baseline_times)), float(np.median(our_times))
     per_call = float(np.median(call_times))
     ours = pd.concat(frames, ignore_index=True)
@@ -178,8 +182,8 @@ def main() -> None:
     agreement = np.median(np.abs(refined - grid_coefficients) / grid_coefficients)
     grid_meter = RadiusMeter(model, x, y, F.cross_entropy, search="grid", thresholds=(THRESHOLD,))
     start = time.perf_counter()
-    ours_grid = grid_meter.measure(0, base_k)
-    grid_time = (time.perf_counter() - start) / base_k
+    ours_grid = grid_meter.measure(0, ours_k)
+    grid_time = (time.perf_counter() - start) / ours_k
     peak = gemm_peak_gflops()
     evals = ours.evals.mean()
     # FLOPs actually run: with the input layer kept, it runs once per direction only.
@@ -214,9 +218,14 @@ def main() -> None:
         f"GEMM peak {peak:.0f} (volume_ray at {achieved / peak:.0%} of peak)"
     )
     print(
+        f"lanes ({meter.lanes} walks side by side, each op on one thread): "
+        f"{np.median(lane_ratios):.3f}x, median over rounds of the time of one lane (each op "
+        f"on all {torch.get_num_threads()} threads) over the time with them"
+    )
+    print(
         f"CPU kernels (oneDNN Linear layers, class-major cross-entropy): "
         f"{np.median(head_ratios):.3f}x, median over rounds of the time with PyTorch's own "
-        f"kernels over the time with them"
+        f"kernels over the time with them (one lane each)"
     )
     print(
         f"time per evaluation, direction costs included: volume_ray "

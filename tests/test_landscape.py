@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from volume_ray.directions import perturbed_parameters, raw_directions
 from volume_ray.landscape import Landscape, sample_accuracy
+from volume_ray.lanes import Lanes
 
 INF = np.inf
 
@@ -208,3 +209,26 @@ def test_a_grid_search_keeps_no_outputs(model, digits):
     params = perturbed_parameters(model)
     grid = Landscape(model, params, *digits, F.cross_entropy, keep_outputs=False)
     assert not grid.keeps_outputs and grid.floats_per_walk == 600 * 32
+
+
+def test_a_replica_scores_alike_on_a_model_of_its_own_at_the_same_time(model, digits, walk):
+    params, directions, coefficients, losses, _ = walk
+    x, y = digits
+    # twice the samples: enough rows that the output layer is routed to oneDNN
+    landscape = Landscape(model, params, torch.cat([x, x]), torch.cat([y, y]), F.cross_entropy)
+    twin = landscape.replica()
+    assert landscape._onednn_linears and landscape.input_layer is not None
+    twin_modules = list(twin.model.modules())
+    assert all(any(m is t for t in twin_modules) for m in twin._onednn_linears)
+    assert any(twin.input_layer.module is t for t in twin_modules)
+    assert not any(p is q for p in twin.model.parameters() for q in model.parameters())
+    assert twin._point.data_ptr() != landscape._point.data_ptr()
+    assert twin.x is landscape.x and twin._layer_output is landscape._layer_output
+
+    def score(lane, on):
+        stops = np.full(4, INF), np.full(4, -INF)
+        return on.score(on.walks(directions), range(4), coefficients, *stops).lower
+
+    both = Lanes(2).map(score, [landscape, twin])
+    np.testing.assert_array_equal(both[0], both[1])
+    np.testing.assert_allclose(both[0], 2 * losses, rtol=1e-5)

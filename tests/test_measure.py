@@ -4,13 +4,14 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from volume_ray import log_volume, measure_radii
-from volume_ray.measure import RADII_COLUMNS
+from volume_ray.measure import RADII_COLUMNS, RadiusMeter
 from volume_ray.search import paper_grid
 
 # -- closed forms: least squares under MSE --------------------------------------------
@@ -168,6 +169,29 @@ def test_directions_do_not_depend_on_the_shard(model, digits):
         model, x, y, F.cross_entropy, num_directions=5, start=19, points_per_pass=3
     )
     np.testing.assert_allclose(batched.radius, whole.radius[19:24], rtol=2e-4)
+
+
+def test_radii_do_not_depend_on_the_thread_count_or_the_lanes(model, digits):
+    """Every op of a walk runs on one thread, in one lane or in several: the same bits."""
+    x, y = digits
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(0.1, 0.05)).measure(3, 7)
+        torch.set_num_threads(2)
+        two = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(0.1, 0.05)).measure(3, 7)
+        assert torch.get_num_threads() == 2
+        three = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(0.1, 0.05), lanes=3)
+        pd.testing.assert_frame_equal(two, alone)
+        pd.testing.assert_frame_equal(three.measure(3, 7), alone)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_lanes_are_checked(model, digits):
+    x, y = digits
+    with pytest.raises(ValueError, match="lanes must be an integer >= 1"):
+        RadiusMeter(model, x, y, F.cross_entropy, lanes=0)
 
 
 def test_chunking_and_filter_norms_through_measure_radii(model, digits):

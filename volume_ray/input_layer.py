@@ -38,6 +38,10 @@ class InputLayer:
         self._names = names
         self._params = params
 
+    def on(self, module: nn.Module) -> InputLayer:
+        """The same layer in a copy of the model: `module` is its twin there."""
+        return InputLayer(module, self._names, self._params)
+
     def output(self, inputs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """The layer at the weights in `flat` (n,): the trained ones give h*, a
         direction gives g (the layer is linear in its weights, bias included)."""

@@ -13,6 +13,7 @@ the loss between scored points, for a search to aim by.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -133,9 +134,7 @@ class Landscape:
         self.sample_max = math.inf if metric == "loss" else 1.0
         self._early_chunks = _chunks(self.size, batch_size, early_exit=True)
         self._full_chunks = _chunks(self.size, batch_size, early_exit=False)
-        self._modules_params = [model.get_parameter(name) for name in params.names]
-        self._point = torch.empty_like(params.flat)  # the weights of one point, reused
-        self._point_views = list(params.tensors(self._point).values())
+        self._hold_point()
         self.x, self.y = x, y
         per_sample = self._per_sample_losses(params.flat)
         # Early exit needs per-sample terms >= 0; a loss that cannot be checked, or has
@@ -168,6 +167,27 @@ class Landscape:
         self._base_outputs = base.outputs[0]
         if self._base_outputs is not None and self._base_outputs.numel() > OUTPUT_FLOATS:
             self.keeps_outputs, self._base_outputs = False, None
+
+    def _hold_point(self) -> None:
+        """A buffer for the weights of one point, reused, and the model's parameters that
+        `_point_loaded` points at it."""
+        self._modules_params = [self.model.get_parameter(name) for name in self.params.names]
+        self._point = torch.empty_like(self.params.flat)
+        self._point_views = list(self.params.tensors(self._point).values())
+
+    def replica(self) -> Landscape:
+        """This landscape for another thread to score on at the same time: its own copy
+        of the model and point buffer, and, shared read-only, all it computed once
+        (the ordered samples, h*, the base outputs)."""
+        twin = copy.copy(self)
+        twin.model = copy.deepcopy(self.model)
+        twin._hold_point()
+        name_of = {id(module): name for name, module in self.model.named_modules()}
+        twins = dict(twin.model.named_modules())
+        if self.input_layer is not None:
+            twin.input_layer = self.input_layer.on(twins[name_of[id(self.input_layer.module)]])
+        twin._onednn_linears = [twins[name_of[id(m)]] for m in self._onednn_linears]
+        return twin
 
     @property
     def floats_per_walk(self) -> int:

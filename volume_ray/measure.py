@@ -21,6 +21,7 @@ from torch import nn
 
 from volume_ray.directions import FILTER_NORMS, FilterNorm, perturbed_parameters, raw_directions
 from volume_ray.landscape import METRICS, Landscape
+from volume_ray.lanes import Lanes
 from volume_ray.search import (
     DEFAULT_RTOL,
     MIN_RTOL,
@@ -114,7 +115,10 @@ class RadiusMeter:
     every other walk. `measure(start, count)` then walks any range of directions, and
     the radii never depend on how the ranges are split. A worker keeps one meter per
     (model, landscape) pair. The model is left in eval mode (a copy, if it had to
-    move to `device`). Arguments are those of `measure_radii`.
+    move to `device`). Arguments are those of `measure_radii`, and `lanes`: how many
+    walks go side by side, each on a thread of its own (see `lanes`); by default
+    torch's thread count on the CPU, 1 on a GPU. One lane runs each op on torch's
+    threads instead.
     """
 
     def __init__(
@@ -136,27 +140,37 @@ class RadiusMeter:
         device: str | torch.device | None = None,
         full_curve: bool = False,
         points_per_pass: int | None = None,
+        lanes: int | None = None,
     ):
         grid = _check_arguments(
             model, x, y, loss_fn, seed, metric, thresholds, filter_norm, search, coefficients,
             rtol, max_coefficient, batch_size, full_curve, points_per_pass,
         )  # fmt: skip
+        if lanes is not None:
+            _check_int("lanes", lanes, minimum=1)
         device = _device(device, model)
         if next(model.parameters()).device != device:
             model = copy.deepcopy(model).to(device)
         model.eval()
-        # Memory cap: a block of directions (with what the landscape keeps for each),
-        # and the weight sets stacked for one pass, each hold about BLOCK_FLOATS
-        # scalars at most.
         params = perturbed_parameters(model)
         if points_per_pass is None:
             points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
-        self.landscape = Landscape(
-            model, params, x.to(device), y.to(device), loss_fn, metric=metric,
-            batch_size=batch_size,
-            points_per_pass=max(1, min(points_per_pass, BLOCK_FLOATS // params.count)),
-            keep_outputs=search == "bisect",  # for its surrogate
-        )  # fmt: skip
+        # On the CPU, walks go side by side, one lane per thread of torch's (see
+        # `lanes`); a GPU takes them in batches instead. Every op then runs on one
+        # thread, the set-up's too, so values do not depend on the thread count.
+        if lanes is None:
+            lanes = torch.get_num_threads() if device.type == "cpu" else 1
+        self._lanes = Lanes(lanes)
+        # Memory cap: a block of directions (with what the landscape keeps for each),
+        # and the weight sets stacked for one pass, each hold about BLOCK_FLOATS
+        # scalars at most.
+        with self._lanes.op_threads():
+            self.landscape = Landscape(
+                model, params, x.to(device), y.to(device), loss_fn, metric=metric,
+                batch_size=batch_size,
+                points_per_pass=max(1, min(points_per_pass, BLOCK_FLOATS // params.count)),
+                keep_outputs=search == "bisect",  # for its surrogate
+            )  # fmt: skip
         per_walk = params.count + self.landscape.floats_per_walk
         self.block = max(self.landscape.points_per_pass, BLOCK_FLOATS // per_walk)
         levels = _levels(metric, thresholds, self.landscape.size)
@@ -172,13 +186,20 @@ class RadiusMeter:
                 levels, base, rtol=rtol, max_coefficient=max_coefficient, hints=hints,
                 surrogate=surrogate,
             )  # fmt: skip
-        self.hints = self._hints_from_direction_zero() if search == "bisect" else None
+        with self._lanes.op_threads():
+            self.hints = self._hints_from_direction_zero() if search == "bisect" else None
+        self._landscapes = [self.landscape, *(self.landscape.replica() for _ in range(1, lanes))]
+
+    @property
+    def lanes(self) -> int:
+        """How many walks go side by side."""
+        return self._lanes.count
 
     def _hints_from_direction_zero(self) -> list[Hint | None]:
         """Direction 0 guides every other walk's first probe. It does so identically in
         every shard, so radii never depend on how directions were sharded."""
         pilot = self.new_search(None)
-        self._run([pilot], self._directions([0])[1])
+        self._run(self.landscape, [pilot], self._directions([0])[1])
         return pilot.hints()
 
     def measure(self, start: int, num_directions: int) -> pd.DataFrame:
@@ -186,19 +207,22 @@ class RadiusMeter:
         _check_int("num_directions", num_directions, minimum=1)
         _check_int("start", start, minimum=0)
         stop = start + num_directions
-        frames = [
-            self._measure_block(range(first, min(first + self.block, stop)))
-            for first in range(start, stop, self.block)
-        ]
-        return pd.concat(frames, ignore_index=True)
+        records = []
+        for first in range(start, stop, self.block):
+            block = range(first, min(first + self.block, stop))
+            parts = _split(block, self._lanes.count)
+            walked = self._lanes.map(lambda k, part: self._walk(self._landscapes[k], part), parts)
+            records.extend(record for lane in walked for record in lane)
+        return pd.DataFrame.from_records(records)
 
-    def _measure_block(self, indices: Sequence[int]) -> pd.DataFrame:
+    def _walk(self, landscape: Landscape, indices: Sequence[int]) -> list[dict]:
+        """The rows of directions `indices`, walked on `landscape` together."""
         raw, directions = self._directions(indices)
         searches = [self.new_search(self.hints) for _ in indices]
-        evals, samples = self._run(searches, directions)
+        evals, samples = self._run(landscape, searches, directions)
         raw_norms = raw.double().norm(dim=1).cpu().numpy()
         direction_norms = directions.double().norm(dim=1).cpu().numpy()
-        size = self.landscape.size
+        size = landscape.size
         records = []
         for j, (index, search) in enumerate(zip(indices, searches)):
             full_curve = isinstance(search, GridSearch) and search.full_curve
@@ -221,7 +245,7 @@ class RadiusMeter:
                 if full_curve:
                     record["curve"] = _metric_values(self.metric, np.asarray(search.curve), size)
                 records.append(record)
-        return pd.DataFrame.from_records(records)
+        return records
 
     def _directions(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw Gaussians g and directions d, both (B, n) on the landscape's device."""
@@ -229,14 +253,17 @@ class RadiusMeter:
         raw = raw_directions(params, self.seed, indices).to(params.flat.device)
         return raw, self.to_norm(raw)
 
-    def _run(self, searches, directions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Drive every search to its end, scoring each round's proposals together;
-        return the evaluations and samples scored per search."""
+    @staticmethod
+    def _run(
+        landscape: Landscape, searches, directions: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Drive every search to its end, scoring each round's proposals together on
+        `landscape`; return the evaluations and samples scored per search."""
         evals = np.zeros(len(searches), dtype=np.int64)
         samples = np.zeros(len(searches), dtype=np.int64)
-        walks = self.landscape.walks(directions)
+        walks = landscape.walks(directions)
         while asks := [(j, p) for j, s in enumerate(searches) if (p := s.propose()) is not None]:
-            scores = self.landscape.score(
+            scores = landscape.score(
                 walks,
                 [j for j, _ in asks],
                 [p.coefficient for _, p in asks],
@@ -250,6 +277,12 @@ class RadiusMeter:
                 evals[j] += 1
                 samples[j] += scores.samples[k]
         return evals, samples
+
+
+def _split(items: Sequence[int], parts: int) -> list[Sequence[int]]:
+    """`items` in at most `parts` runs of consecutive items, of near-equal lengths."""
+    size = math.ceil(len(items) / parts)
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _device(requested: str | torch.device | None, model: nn.Module) -> torch.device:
