@@ -91,6 +91,9 @@ def measure_radii(
     - `batch_size` chunks the data; `device` picks where the work runs (the model is
       copied there if it lives elsewhere); `points_per_pass` weight sets share a
       forward pass (default 1 on CPU, where batching does not pay).
+    - On the CPU, walks go side by side, one per torch thread, each op on a single
+      thread (`volume_ray.lanes`): radii do not depend on the thread count, and
+      `loss_fn` may be called from several threads at once.
 
     The model is left as it was: its weights are never written.
     """
