@@ -188,6 +188,20 @@ def test_radii_do_not_depend_on_the_thread_count_or_the_lanes(model, digits):
         torch.set_num_threads(before)
 
 
+def test_lanes_default_to_the_threads_and_large_models_get_one(model, digits):
+    x, y = digits
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert RadiusMeter(model, x, y, F.cross_entropy).lanes == 2
+        wide = nn.Sequential(nn.Linear(64, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 10))
+        assert sum(p.numel() for p in wide.parameters()) > 2**22
+        big = RadiusMeter(wide, x[:16], y[:16], F.cross_entropy, thresholds=(1e9,), search="grid")
+        assert big.lanes == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_lanes_are_checked(model, digits):
     x, y = digits
     with pytest.raises(ValueError, match="lanes must be an integer >= 1"):

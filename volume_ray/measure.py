@@ -92,8 +92,10 @@ def measure_radii(
       copied there if it lives elsewhere); `points_per_pass` weight sets share a
       forward pass (default 1 on CPU, where batching does not pay).
     - On the CPU, walks go side by side, one per torch thread, each op on a single
-      thread (`volume_ray.lanes`): radii do not depend on the thread count, and
-      `loss_fn` may be called from several threads at once.
+      thread (`volume_ray.lanes`): radii are those of one thread, whatever the thread
+      count, and `loss_fn` may be called from several threads at once. Each lane holds
+      a copy of the model, so large models get fewer: past 2**22 parameters, one lane
+      whose ops run on all threads.
 
     The model is left as it was: its weights are never written.
     """
@@ -120,8 +122,8 @@ class RadiusMeter:
     (model, landscape) pair. The model is left in eval mode (a copy, if it had to
     move to `device`). Arguments are those of `measure_radii`, and `lanes`: how many
     walks go side by side, each on a thread of its own (see `lanes`); by default
-    torch's thread count on the CPU, 1 on a GPU. One lane runs each op on torch's
-    threads instead.
+    torch's thread count on the CPU (fewer for large models), 1 on a GPU. One lane
+    runs each op on torch's threads instead.
     """
 
     def __init__(
@@ -158,15 +160,16 @@ class RadiusMeter:
         params = perturbed_parameters(model)
         if points_per_pass is None:
             points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
-        # On the CPU, walks go side by side, one lane per thread of torch's (see
-        # `lanes`); a GPU takes them in batches instead. Every op then runs on one
-        # thread, the set-up's too, so values do not depend on the thread count.
-        if lanes is None:
-            lanes = torch.get_num_threads() if device.type == "cpu" else 1
-        self._lanes = Lanes(lanes)
         # Memory cap: a block of directions (with what the landscape keeps for each),
-        # and the weight sets stacked for one pass, each hold about BLOCK_FLOATS
-        # scalars at most.
+        # the weight sets stacked for one pass, and the lanes' copies of the model and
+        # point buffer (2n scalars a lane) each hold about BLOCK_FLOATS scalars at most.
+        # On the CPU, walks go side by side, one lane per thread of torch's (see
+        # `lanes`); a GPU takes them in batches instead. With several lanes every op
+        # runs on one thread, the set-up's too, so values are those of one thread.
+        if lanes is None:
+            most = max(1, BLOCK_FLOATS // (2 * params.count))
+            lanes = min(torch.get_num_threads(), most) if device.type == "cpu" else 1
+        self._lanes = Lanes(lanes)
         with self._lanes.op_threads():
             self.landscape = Landscape(
                 model, params, x.to(device), y.to(device), loss_fn, metric=metric,
