@@ -1,6 +1,7 @@
 """Lanes: each part on a thread of its own, torch's ops on one thread there, and the
 thread count restored however the lanes end."""
 
+import gc
 import threading
 import time
 
@@ -79,3 +80,19 @@ def test_bad_counts_are_refused():
         Lanes(2).map(lambda lane, part: part, [1, 2, 3])
     with pytest.raises(ValueError, match="1 to 2 parts, got 0"):
         Lanes(2).map(lambda lane, part: part, [])
+
+
+def test_the_lanes_threads_end_with_them(two_threads):
+    lanes = Lanes(3)
+
+    def work(lane, part):
+        time.sleep(0.02)
+        return threading.current_thread()
+
+    pool_threads = lanes.map(work, [0, 1, 2])[1:]
+    assert all(thread.is_alive() for thread in pool_threads)
+    del lanes
+    gc.collect()
+    for thread in pool_threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "a lane's thread outlived its lanes"
