@@ -1,6 +1,7 @@
 """measure_radii against closed forms, an independent paper loop, and bad input."""
 
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -198,6 +199,20 @@ def test_lanes_default_to_the_threads_and_large_models_get_one(model, digits):
         assert sum(p.numel() for p in wide.parameters()) > 2**22
         big = RadiusMeter(wide, x[:16], y[:16], F.cross_entropy, thresholds=(1e9,), search="grid")
         assert big.lanes == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_model_that_cannot_be_copied_walks_in_one_lane(model, digits):
+    x, y = digits
+    model.guard = threading.Lock()  # deepcopy cannot copy a lock
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.warns(RuntimeWarning, match="cannot be copied"):
+            meter = RadiusMeter(model, x, y, F.cross_entropy)
+        assert meter.lanes == 1
+        assert (meter.measure(0, 3).radius > 0).all()
     finally:
         torch.set_num_threads(before)
 

@@ -194,7 +194,17 @@ class RadiusMeter:
             )  # fmt: skip
         with self._lanes.op_threads():
             self.hints = self._hints_from_direction_zero() if search == "bisect" else None
-        self._landscapes = [self.landscape, *(self.landscape.replica() for _ in range(1, lanes))]
+        try:
+            replicas = [self.landscape.replica() for _ in range(1, lanes)]
+        except (TypeError, RuntimeError, copy.Error) as error:  # deepcopy refused the model
+            warnings.warn(
+                f"the model cannot be copied for walks side by side ({error}); walking "
+                "one lane at a time on all threads instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            replicas, self._lanes = [], Lanes(1)
+        self._landscapes = [self.landscape, *replicas]
 
     @property
     def lanes(self) -> int:
