@@ -170,29 +170,28 @@ class RadiusMeter:
             most = max(1, BLOCK_FLOATS // (2 * params.count))
             lanes = min(torch.get_num_threads(), most) if device.type == "cpu" else 1
         self._lanes = Lanes(lanes)
-        with self._lanes.op_threads():
+        with self._lanes.op_threads():  # the whole set-up computes as the lanes do
             self.landscape = Landscape(
                 model, params, x.to(device), y.to(device), loss_fn, metric=metric,
                 batch_size=batch_size,
                 points_per_pass=max(1, min(points_per_pass, BLOCK_FLOATS // params.count)),
                 keep_outputs=search == "bisect",  # for its surrogate
             )  # fmt: skip
-        per_walk = params.count + self.landscape.floats_per_walk
-        self.block = max(self.landscape.points_per_pass, BLOCK_FLOATS // per_walk)
-        levels = _levels(metric, thresholds, self.landscape.size)
-        _warn_if_base_is_past(metric, thresholds, levels, self.landscape.base_total)
-        self.to_norm = FilterNorm(params, filter_norm)
-        self.seed, self.metric, self.thresholds = seed, metric, thresholds
-        base = self.landscape.base_total
-        if search == "grid":
-            self.new_search = lambda _hints: GridSearch(levels, base, grid, full_curve=full_curve)
-        else:
-            surrogate = self.landscape.surrogate_total if self.landscape.keeps_outputs else None
-            self.new_search = lambda hints: BracketSearch(
-                levels, base, rtol=rtol, max_coefficient=max_coefficient, hints=hints,
-                surrogate=surrogate,
-            )  # fmt: skip
-        with self._lanes.op_threads():
+            per_walk = params.count + self.landscape.floats_per_walk
+            self.block = max(self.landscape.points_per_pass, BLOCK_FLOATS // per_walk)
+            levels = _levels(metric, thresholds, self.landscape.size)
+            _warn_if_base_is_past(metric, thresholds, levels, self.landscape.base_total)
+            self.to_norm = FilterNorm(params, filter_norm)
+            self.seed, self.metric, self.thresholds = seed, metric, thresholds
+            base = self.landscape.base_total
+            if search == "grid":
+                self.new_search = lambda _: GridSearch(levels, base, grid, full_curve=full_curve)
+            else:
+                surrogate = self.landscape.surrogate_total if self.landscape.keeps_outputs else None
+                self.new_search = lambda hints: BracketSearch(
+                    levels, base, rtol=rtol, max_coefficient=max_coefficient, hints=hints,
+                    surrogate=surrogate,
+                )  # fmt: skip
             self.hints = self._hints_from_direction_zero() if search == "bisect" else None
         try:
             replicas = [self.landscape.replica() for _ in range(1, lanes)]
