@@ -1,9 +1,19 @@
-"""From radii to log-volumes: pure functions of arrays (no torch, no Ray, no I/O).
+"""From radii (and curvature) to log-volumes: pure functions of arrays (no torch, no Ray).
 
-The paper's estimate of a minimum's volume is log mean(r^n) over the directions that
-crossed, n being the number of perturbed parameters, with no unit-ball constant. At
-large n it is n*ln(r_max) - ln K: one extreme direction decides it, which is why the
-intervals and the estimate-against-K curve below matter.
+Every estimator estimates one number, the paper's log E_u[r(u)^n] over unit directions
+u, n being the number of perturbed parameters, with no unit-ball constant (DESIGN §7):
+
+- `paper`: log mean(r^n) over the crossing directions. At large n it is
+  n*ln(r_max) - ln K, decided by one direction, so each estimate carries the effective
+  sample size `ess` of its weights r^n and the largest normalised weight `top_share`;
+  its bootstrap interval is printed only when ess >= MIN_ESS, since a percentile
+  bootstrap cannot see above the sample maximum where E[r^n] lives.
+- `censored_lower_bound`: as `paper`, censored directions at their search cap.
+- `typical`: n*mean(ln r), the log-volume of the ball of geometric-mean radius. By
+  Jensen a lower bound on the paper's quantity, but it converges as 1/sqrt(K).
+- `laplace`: (n/2)*ln(2*dL) - 1/2*log_det(H, floor), exact for a quadratic basin of
+  Hessian H (in the radii's coordinates) and dL = T - L*. Eigenvalues below the floor
+  2*dL/R^2 (R the radius cap) count as reaching the cap.
 """
 
 from __future__ import annotations
@@ -12,23 +22,35 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from scipy.special import logsumexp
 
 __all__ = [
+    "DEFAULT_ESTIMATORS",
     "ESTIMATORS",
+    "MIN_ESS",
     "VOLUME_COLUMNS",
     "EstimateResult",
     "bootstrap_log_volume",
+    "laplace_estimate",
+    "laplace_floor",
     "log_volume",
     "log_volume_by_count",
+    "paper_estimate",
     "radius_summary",
+    "typical_estimate",
     "volume_table",
+    "weight_diagnostics",
 ]
 
-ESTIMATORS = ("paper", "censored_lower_bound")
+RADII_ESTIMATORS = ("paper", "censored_lower_bound", "typical")
+ESTIMATORS = (*RADII_ESTIMATORS, "laplace")
+DEFAULT_ESTIMATORS = ("paper", "typical")
+MIN_ESS = 10  # below this many effective directions a resampling interval means nothing
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 VOLUME_COLUMNS = [
@@ -44,17 +66,38 @@ VOLUME_COLUMNS = [
     "mean_radius",
     "median_radius",
     "max_radius",
+    "ess",
+    "top_share",
+    "ci_valid",
+    "floor",
 ]
 
 
 @dataclass(frozen=True)
 class EstimateResult:
-    """A log-volume with its bootstrap standard error and percentile interval."""
+    """A log-volume with its standard error and interval. `ess` is how many directions
+    effectively carry it and `top_share` the largest one's share (NaN where directions
+    do not weigh in); `ci_valid` is False, and the interval NaN, when no interval can
+    be trusted."""
 
     estimate: float
     stderr: float
     ci_low: float
     ci_high: float
+    ess: float = math.nan
+    top_share: float = math.nan
+    ci_valid: bool = True
+
+
+class SpectrumLike(Protocol):
+    """What `laplace` needs of a `volume_ray.curvature.Curvature`."""
+
+    base_loss: float
+
+    def log_det_samples(self, floor: float) -> np.ndarray: ...
+
+
+NO_ESTIMATE = EstimateResult(math.nan, math.nan, math.nan, math.nan, ci_valid=False)
 
 
 def _radii(radii: Sequence[float] | np.ndarray, name: str = "radii") -> np.ndarray:
@@ -71,11 +114,35 @@ def _check_n_params(n_params: int) -> None:
         raise ValueError(f"n_params must be an integer >= 1, got {n_params!r}")
 
 
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+
+
+def _log_weights(values: np.ndarray, n_params: int) -> np.ndarray:
+    with np.errstate(divide="ignore"):  # log 0 = -inf: a zero radius weighs nothing
+        return n_params * np.log(values)
+
+
 def _log_mean_power(values: np.ndarray, n_params: int, axis: int = -1) -> np.ndarray:
-    """log mean(values**n) along `axis`, by log-sum-exp (log 0 = -inf is fine)."""
-    with np.errstate(divide="ignore"):
-        logs = n_params * np.log(values)
-    return logsumexp(logs, axis=axis) - math.log(values.shape[axis])
+    """log mean(values**n) along `axis`, by log-sum-exp."""
+    return logsumexp(_log_weights(values, n_params), axis=axis) - math.log(values.shape[axis])
+
+
+def weight_diagnostics(radii: Sequence[float] | np.ndarray, n_params: int) -> tuple[float, float]:
+    """(ess, top_share) of the weights w = r^n of the finite radii: the effective sample
+    size (sum w)^2 / sum w^2, and max w / sum w. NaN when every weight is zero."""
+    _check_n_params(n_params)
+    logs = _log_weights(_radii(radii), n_params)
+    if len(logs) == 0 or np.all(np.isneginf(logs)):
+        return math.nan, math.nan
+    total = logsumexp(logs)
+    return float(np.exp(2 * total - logsumexp(2 * logs))), float(np.exp(logs.max() - total))
+
+
+def _t_interval(mean: float, stderr: float, dof: int, confidence: float) -> tuple[float, float]:
+    half = stats.t.ppf((1 + confidence) / 2, dof) * stderr
+    return mean - half, mean + half
 
 
 def log_volume(
@@ -85,22 +152,26 @@ def log_volume(
     *,
     censored_radii: Sequence[float] | np.ndarray = (),
 ) -> float:
-    """log mean(r^n) of a minimum.
+    """The log-volume of a minimum from its radii (see the module docstring).
 
-    - `paper`: over the crossing directions only; NaN radii (censored) are dropped,
-      as the paper drops directions that never cross.
-    - `censored_lower_bound`: censored directions count at the radius where their
-      search stopped (`censored_radii`); they crossed no earlier, so this bounds the
-      all-directions mean from below.
+    NaN radii (censored) are dropped, as the paper drops directions that never cross;
+    `censored_lower_bound` and `typical` count censored directions at the radius where
+    their search stopped (`censored_radii`): they crossed no earlier.
     """
     _check_n_params(n_params)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator not in RADII_ESTIMATORS:
+        raise ValueError(
+            f"estimator must be one of {RADII_ESTIMATORS}, got {estimator!r} (laplace comes "
+            "from curvature: use laplace_estimate)"
+        )
     values = _radii(radii)
-    if estimator == "censored_lower_bound":
+    if estimator != "paper":
         values = np.concatenate([values, _radii(censored_radii, "censored_radii")])
     if len(values) == 0:
         raise ValueError("no radii to estimate from: every direction was censored or NaN")
+    if estimator == "typical":
+        with np.errstate(divide="ignore"):
+            return float(n_params * np.log(values).mean())
     return float(_log_mean_power(values, n_params))
 
 
@@ -112,10 +183,10 @@ def bootstrap_log_volume(
     confidence: float = DEFAULT_CONFIDENCE,
     rng: np.random.Generator | int | None = 0,
 ) -> EstimateResult:
-    """The paper estimate with a percentile bootstrap interval over directions."""
+    """The paper estimate with a percentile bootstrap interval over directions, whatever
+    its ess (`paper_estimate` withholds the interval when it cannot be trusted)."""
     _check_n_params(n_params)
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    _check_confidence(confidence)
     if num_resamples < 1:
         raise ValueError(f"num_resamples must be >= 1, got {num_resamples!r}")
     values = _radii(radii)
@@ -128,12 +199,96 @@ def bootstrap_log_volume(
     tail = (1 - confidence) / 2
     # inverted_cdf picks order statistics without interpolating, so -inf is safe
     low, high = np.quantile(resampled, [tail, 1 - tail], method="inverted_cdf")
+    ess, top_share = weight_diagnostics(values, n_params)
     return EstimateResult(
         estimate=float(_log_mean_power(values, n_params)),
         stderr=float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan,
         ci_low=float(low),
         ci_high=float(high),
+        ess=ess,
+        top_share=top_share,
     )
+
+
+def paper_estimate(
+    radii: Sequence[float] | np.ndarray,
+    n_params: int,
+    *,
+    num_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    rng: np.random.Generator | int | None = 0,
+) -> EstimateResult:
+    """log mean(r^n) with its diagnostics; the bootstrap interval only when ess >= MIN_ESS
+    (otherwise NaN, and `ci_valid` False)."""
+    result = bootstrap_log_volume(
+        radii, n_params, num_resamples=num_resamples, confidence=confidence, rng=rng
+    )
+    if result.ess >= MIN_ESS:
+        return result
+    return EstimateResult(
+        result.estimate, math.nan, math.nan, math.nan, result.ess, result.top_share, False
+    )
+
+
+def typical_estimate(
+    radii: Sequence[float] | np.ndarray,
+    n_params: int,
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> EstimateResult:
+    """n * mean(ln r) with a Student-t interval on ln r, times n. Censored directions
+    belong in `radii` at their cap. Every direction weighs alike: ess = K."""
+    _check_n_params(n_params)
+    _check_confidence(confidence)
+    values = _radii(radii)
+    count = len(values)
+    if count == 0:
+        raise ValueError("no radii to estimate from: every direction was NaN")
+    with np.errstate(divide="ignore"):
+        logs = np.log(values)
+    estimate = float(n_params * logs.mean())
+    if count < 2 or not np.isfinite(estimate):  # a zero radius: the volume is zero
+        return EstimateResult(estimate, math.nan, math.nan, math.nan, count, 1 / count, False)
+    stderr = float(n_params * logs.std(ddof=1) / math.sqrt(count))
+    low, high = _t_interval(estimate, stderr, count - 1, confidence)
+    return EstimateResult(estimate, stderr, low, high, float(count), 1 / count)
+
+
+def laplace_floor(delta_loss: float, radius_cap: float) -> float:
+    """2*dL/R^2: along an eigendirection flatter than this, the quadratic radius
+    sqrt(2*dL/lambda) lies past the search cap R."""
+    if not delta_loss > 0:
+        raise ValueError(f"delta_loss must be > 0, got {delta_loss!r}")
+    if not (radius_cap > 0 and math.isfinite(radius_cap)):
+        raise ValueError(f"radius_cap must be a finite number > 0, got {radius_cap!r}")
+    return 2 * delta_loss / radius_cap**2
+
+
+def laplace_estimate(
+    log_det_samples: Sequence[float] | np.ndarray,
+    n_params: int,
+    delta_loss: float,
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> EstimateResult:
+    """(n/2)*ln(2*dL) - 1/2*log_det from per-probe SLQ estimates of log_det (their mean
+    is the estimate); the interval is Student t over the probes' spread."""
+    _check_n_params(n_params)
+    _check_confidence(confidence)
+    if not delta_loss > 0:
+        raise ValueError(
+            f"delta_loss (threshold - base loss) must be > 0, got {delta_loss!r}: the "
+            "threshold is at or below the loss at the minimum; raise it"
+        )
+    samples = np.asarray(log_det_samples, dtype=np.float64).reshape(-1)
+    if len(samples) == 0 or not np.isfinite(samples).all():
+        raise ValueError("log_det_samples must be a non-empty sequence of finite numbers")
+    estimate = float(0.5 * n_params * math.log(2 * delta_loss) - 0.5 * samples.mean())
+    if len(samples) < 2:
+        return EstimateResult(estimate, math.nan, math.nan, math.nan, ci_valid=False)
+    stderr = float(0.5 * samples.std(ddof=1) / math.sqrt(len(samples)))
+    low, high = _t_interval(estimate, stderr, len(samples) - 1, confidence)
+    return EstimateResult(estimate, stderr, low, high)
 
 
 def log_volume_by_count(
@@ -168,16 +323,28 @@ def volume_table(
     radii: pd.DataFrame,
     n_params: int,
     *,
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+    curvature: SpectrumLike | None = None,
+    max_coefficient: float = 1.0,
     num_resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Every estimator for each (metric, threshold) of a `measure_radii` table."""
+    """One row per (metric, threshold, estimator) of a `measure_radii` table.
+
+    `laplace` needs the landscape's `curvature` and a loss metric; its radius cap R is
+    `max_coefficient` * sqrt(n), the cap of a typical direction (|g| ~ sqrt(n)).
+    """
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if unknown or not estimators:
+        raise ValueError(f"estimators must be a non-empty subset of {ESTIMATORS}, got {unknown}")
+    if "laplace" in estimators and curvature is None:
+        raise ValueError("the laplace estimator needs the landscape's curvature; pass curvature")
     rows = []
     for (metric, threshold), group in radii.groupby(["metric", "threshold"], sort=True):
         crossed = group.loc[~group.censored, "radius"].to_numpy()
         censored = group.loc[group.censored]
-        bounds = (censored.coefficient * censored.raw_norm).to_numpy()
+        with_caps = np.concatenate([crossed, (censored.coefficient * censored.raw_norm)])
         common = {
             "metric": metric,
             "threshold": threshold,
@@ -186,17 +353,32 @@ def volume_table(
             "n_params": n_params,
             **radius_summary(crossed),
         }
-        for estimator, values in (
-            ("paper", crossed),
-            ("censored_lower_bound", np.concatenate([crossed, bounds])),
-        ):
-            if len(_radii(values)) == 0:
-                result = EstimateResult(math.nan, math.nan, math.nan, math.nan)
-            else:
-                result = bootstrap_log_volume(
-                    values, n_params, num_resamples=num_resamples, confidence=confidence,
-                    rng=seed,
+        for estimator in estimators:
+            floor = math.nan
+            if estimator == "laplace":
+                if metric != "loss":
+                    raise ValueError("the laplace estimator needs metric 'loss'")
+                delta = threshold - curvature.base_loss
+                floor = (
+                    laplace_floor(delta, max_coefficient * math.sqrt(n_params))
+                    if delta > 0 else math.nan
                 )  # fmt: skip
+                result = (
+                    laplace_estimate(curvature.log_det_samples(floor), n_params, delta,
+                                     confidence=confidence)
+                    if delta > 0 else NO_ESTIMATE
+                )  # fmt: skip
+            else:
+                values = crossed if estimator == "paper" else with_caps
+                if len(_radii(values)) == 0:
+                    result = NO_ESTIMATE
+                elif estimator == "typical":
+                    result = typical_estimate(values, n_params, confidence=confidence)
+                else:
+                    result = paper_estimate(
+                        values, n_params, num_resamples=num_resamples, confidence=confidence,
+                        rng=seed,
+                    )  # fmt: skip
             rows.append(
                 {
                     **common,
@@ -204,6 +386,10 @@ def volume_table(
                     "log_volume": result.estimate,
                     "ci_low": result.ci_low,
                     "ci_high": result.ci_high,
+                    "ess": result.ess,
+                    "top_share": result.top_share,
+                    "ci_valid": result.ci_valid,
+                    "floor": floor,
                 }
             )
     return pd.DataFrame.from_records(rows, columns=VOLUME_COLUMNS)
