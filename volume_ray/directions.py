@@ -134,6 +134,19 @@ class FilterNorm:
         # paper: the per-column multiplier is fixed for the model.
         self._scale = self._row_norms[self._row_of_column] if mode == "paper" else None
 
+    @property
+    def scale(self) -> torch.Tensor:
+        """f, the fixed per-column multiplier of `paper` and `none` (ones): (n,), a copy.
+        Walks then move w = w* + f*z, and z are the coordinates radii and curvature use."""
+        if self.mode == "li2018":
+            raise ValueError(
+                "filter_norm: li2018 rescales each direction by its own norm, so it has no "
+                "fixed coordinate scale; use filter_norm='paper' or 'none'"
+            )
+        if self.mode == "none":
+            return torch.ones_like(self._row_of_column, dtype=self._row_norms.dtype)
+        return self._scale.clone()
+
     def __call__(self, raw: torch.Tensor) -> torch.Tensor:
         """Directions d from raw Gaussians g: (B, n) -> (B, n)."""
         if self.mode == "none":

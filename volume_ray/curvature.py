@@ -1,0 +1,371 @@
+"""The Hessian of the mean loss in the radii's own coordinates (DESIGN §7).
+
+Radii live in z, with w = w* + f⊙z and f the filter-norm scale, so the Hessian that
+predicts them is H = diag(f)·H_w·diag(f). In a quadratic basin the radius along a unit u
+is sqrt(2ΔL / uᵀHu), and the Laplace log-volume, in the paper's convention, is
+(n/2)·ln(2ΔL) − ½·Σ ln λᵢ. H is never formed: Hessian-vector products come from
+`torch.func.jvp` over `torch.func.grad` (forward-over-reverse). Lanczos, fully
+reorthogonalised and started from Rademacher probes, gives the top eigenvalues and
+stochastic Lanczos quadrature (SLQ) nodes and weights, kept so that Σ ln max(λ, floor)
+can be taken at any floor later. Each probe's first product also gives Hutchinson's
+trace and diagonal.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from volume_ray.checks import check_int, resolve_device
+from volume_ray.directions import FilterNorm, perturbed_parameters
+
+__all__ = ["SAMPLES_PER_PASS", "Curvature", "HessianOperator", "curvature"]
+
+SAMPLES_PER_PASS = 4096  # default (sample, vector) pairs in one forward-over-reverse pass
+BASIS_FLOATS = 2**27  # float64 Lanczos vectors held at once (1 GiB)
+BREAKDOWN_ULPS = 100  # a Lanczos residual this many ulps of |T| small spans an invariant space
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class HessianOperator:
+    """Products H_z v = f⊙H_w(f⊙v) of the mean loss on (x, y), at z = 0.
+
+    `scale` is f, (n,) (None: ones, plain weight space). One pass of the model takes
+    `batch_size` (sample, vector) pairs (None: SAMPLES_PER_PASS), the memory knob: a
+    chunk of that many samples at most, with as many vectors as fit (`vectors_per_pass`).
+    The mean's product sums the chunks' products, weighted by their share of samples.
+    The model computes in eval mode, in its dtype and on its device; its weights are
+    never written and each module's training flag is restored after every call. `count`
+    is the number of products so far, one per vector.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: LossFn,
+        *,
+        scale: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ):
+        if len(x) == 0 or len(x) != len(y):
+            raise ValueError(
+                f"x and y must hold the same positive number of samples, got len(x)={len(x)} "
+                f"and len(y)={len(y)}"
+            )
+        if batch_size is not None:
+            check_int("batch_size", batch_size, minimum=1)
+        self.model, self.loss_fn = model, loss_fn
+        self.params = perturbed_parameters(model)
+        self.n = self.params.count
+        flat = self.params.flat
+        if scale is not None and scale.shape != (self.n,):
+            raise ValueError(f"scale must have shape ({self.n},), got {tuple(scale.shape)}")
+        self.scale = None if scale is None else scale.to(flat)
+        chosen = set(self.params.names)
+        named = chain(model.named_parameters(), model.named_buffers())
+        self.fixed = {name: t.detach() for name, t in named if name not in chosen}
+        x, y = x.to(flat.device), y.to(flat.device)
+        pairs = batch_size or SAMPLES_PER_PASS
+        size = min(len(x), pairs)
+        self.vectors_per_pass = max(1, pairs // size)
+        self.chunks = [
+            (x[i : i + size], y[i : i + size], len(x[i : i + size]) / len(x))
+            for i in range(0, len(x), size)
+        ]
+        self.count = 0
+        self._vmap = True  # until a batched product shows the model or loss cannot vmap
+        with self._eval():
+            self.base_loss = self._check_loss_and_base()
+
+    @contextmanager
+    def _eval(self) -> Iterator[None]:
+        flags = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for module, training in flags:
+                module.training = training
+
+    def _loss(self, z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = self.params.flat + (z if self.scale is None else self.scale * z)
+        outputs = functional_call(self.model, {**self.fixed, **self.params.tensors(w)}, (x,))
+        return self.loss_fn(outputs, y)
+
+    def _check_loss_and_base(self) -> float:
+        """The mean loss at w*, after checking that loss_fn has a second derivative."""
+        zero = torch.zeros_like(self.params.flat)
+        x, y, _ = self.chunks[0]
+        outputs = functional_call(self.model, {**self.fixed, **self.params.tensors(zero)}, (x,))
+        outputs = outputs.detach().requires_grad_()
+        value = self.loss_fn(outputs, y)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError("loss_fn must return the batch mean as a scalar tensor")
+        if not value.requires_grad:
+            raise ValueError(
+                "loss_fn must be twice differentiable in the outputs, but its value does not "
+                "depend on them through a differentiable path (detached, or not a torch op)"
+            )
+        try:
+            _hvp(self.loss_fn, outputs.detach(), torch.ones_like(outputs), y)
+        except (RuntimeError, NotImplementedError, TypeError) as error:
+            raise ValueError(
+                "loss_fn must be twice differentiable: torch.func.jvp over torch.func.grad "
+                f"(forward-over-reverse) fails on it: {error}"
+            ) from error
+        with torch.no_grad():
+            return sum(share * float(self._loss(zero, x, y)) for x, y, share in self.chunks)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H_z v for v of shape (n,) or (B, n), in v's shape, dtype and device."""
+        if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2) or v.shape[-1] != self.n:
+            shape = getattr(v, "shape", type(v).__name__)
+            raise ValueError(
+                f"v must be a tensor of shape ({self.n},) or (B, {self.n}), got {shape}"
+            )
+        vectors = v.reshape(-1, self.n).to(self.params.flat)
+        total = torch.zeros(vectors.shape, dtype=torch.float64, device=vectors.device)
+        with self._eval():
+            group = self.vectors_per_pass
+            for x, y, share in self.chunks:
+                for i in range(0, len(vectors), group):
+                    total[i : i + group] += share * self._products(vectors[i : i + group], x, y)
+        self.count += len(vectors)
+        return total.reshape(v.shape).to(v)
+
+    def _products(self, vectors: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The chunk-mean loss's H_z v of each row of `vectors`, in float64."""
+        zero = torch.zeros_like(self.params.flat)
+        product = lambda v: _hvp(lambda z, t: self._loss(z, x, t), zero, v, y)  # noqa: E731
+        if len(vectors) > 1 and self._vmap:
+            try:
+                return vmap(product)(vectors).double()
+            except (RuntimeError, NotImplementedError):  # the model or loss does not vmap
+                self._vmap = False
+        try:
+            return torch.stack([product(v) for v in vectors]).double()
+        except (RuntimeError, NotImplementedError, TypeError) as error:
+            raise ValueError(
+                "model and loss_fn must be twice differentiable: torch.func.jvp over "
+                f"torch.func.grad fails on them: {error}"
+            ) from error
+
+
+def _hvp(fn: Callable, primal: torch.Tensor, tangent: torch.Tensor, y: torch.Tensor):
+    """The jvp of grad(fn) in its first argument; fn(primal, y) is a scalar. Float targets
+    go in as primals with a materialised zero tangent: F.mse_loss fails under
+    forward-over-reverse otherwise ("ZeroTensors are immutable", pytorch/pytorch#123996)."""
+    gradient = grad(fn)
+    if y.is_floating_point():
+        return jvp(gradient, (primal, y), (tangent, torch.zeros_like(y)))[1]
+    return jvp(lambda p: gradient(p, y), (primal,), (tangent,))[1]
+
+
+@dataclass(frozen=True, eq=False)
+class Curvature:
+    """What `curvature` found. `slq_nodes` and `slq_weights` are (probes, steps): each
+    probe's Ritz values and the squared first components of their eigenvectors."""
+
+    n_params: int
+    base_loss: float
+    top_eigenvalues: np.ndarray  # descending
+    trace: float
+    trace_stderr: float
+    diagonal: np.ndarray | None  # (n,), Hutchinson's; None when read back from a record
+    slq_nodes: np.ndarray
+    slq_weights: np.ndarray
+
+    @property
+    def probes(self) -> int:
+        return self.slq_nodes.shape[0]
+
+    @property
+    def lanczos_steps(self) -> int:
+        return self.slq_nodes.shape[1]
+
+    def log_det_samples(self, floor: float) -> np.ndarray:
+        """One SLQ estimate of Σ ln max(λᵢ, floor) per probe: (probes,)."""
+        if not floor > 0:
+            raise ValueError(f"floor must be > 0, got {floor!r}")
+        logs = np.log(np.maximum(self.slq_nodes, floor))
+        return self.n_params * (self.slq_weights * logs).sum(axis=1)
+
+    def log_det(self, floor: float) -> float:
+        """The SLQ estimate of Σ ln max(λᵢ, floor): the mean over probes."""
+        return float(self.log_det_samples(floor).mean())
+
+    def density(self, grid: np.ndarray, sigma: float) -> np.ndarray:
+        """The eigenvalue density on `grid`, SLQ smoothed by Gaussians of width `sigma`;
+        it integrates to about 1."""
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        grid = np.asarray(grid, dtype=np.float64)
+        gaps = (grid[..., None, None] - self.slq_nodes) / sigma
+        bumps = np.exp(-0.5 * gaps**2) / (sigma * np.sqrt(2 * np.pi))
+        return (bumps * self.slq_weights).sum(axis=-1).mean(axis=-1)
+
+    def to_record(self) -> dict:
+        """Plain values for one Parquet row (the diagonal is left out: n values)."""
+        return {
+            "n_params": self.n_params,
+            "base_loss": self.base_loss,
+            "top_eigenvalues": self.top_eigenvalues.tolist(),
+            "trace": self.trace,
+            "trace_stderr": self.trace_stderr,
+            "probes": self.probes,
+            "lanczos_steps": self.lanczos_steps,
+            "slq_nodes": self.slq_nodes.tolist(),
+            "slq_weights": self.slq_weights.tolist(),
+        }
+
+    @classmethod
+    def from_record(cls, row) -> Curvature:
+        """The inverse of `to_record`, from a dict or a pandas row."""
+        rows = lambda key: np.array([np.asarray(r, dtype=np.float64) for r in row[key]])  # noqa: E731
+        diagonal = row.get("diagonal")
+        return cls(
+            n_params=int(row["n_params"]),
+            base_loss=float(row["base_loss"]),
+            top_eigenvalues=np.asarray(row["top_eigenvalues"], dtype=np.float64),
+            trace=float(row["trace"]),
+            trace_stderr=float(row["trace_stderr"]),
+            diagonal=None if diagonal is None else np.asarray(diagonal, dtype=np.float64),
+            slq_nodes=rows("slq_nodes"),
+            slq_weights=rows("slq_weights"),
+        )
+
+
+def curvature(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    filter_norm: str = "paper",
+    top_k: int = 5,
+    probes: int = 32,
+    lanczos_steps: int = 64,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> Curvature:
+    """Curvature of the mean `loss_fn` on (x, y) at the model's weights, in z.
+
+    `probes` Rademacher starts each run `lanczos_steps` Lanczos steps (clipped to n), so
+    a call costs probes·lanczos_steps Hessian-vector products. `top_k` eigenvalues are
+    the largest Ritz values over all probes (each a lower bound of its eigenvalue).
+    Randomness comes from a generator seeded with `seed` only. `batch_size` is the
+    (sample, vector) pairs per pass, as in `HessianOperator`; probes run side by side as
+    many as fit. `device` picks where the work runs (the model is copied there if it
+    lives elsewhere); the caller's model is left as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, tensor in (("x", x), ("y", y)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not callable(loss_fn):
+        raise ValueError("loss_fn must be callable as loss_fn(outputs, targets)")
+    params = perturbed_parameters(model)
+    for name, value in (("top_k", top_k), ("probes", probes), ("lanczos_steps", lanczos_steps)):
+        check_int(name, value, minimum=1)
+    check_int("seed", seed, minimum=0)
+    if top_k > params.count:
+        raise ValueError(f"top_k must be <= n_params={params.count}, got {top_k}")
+    steps = min(lanczos_steps, params.count)
+    if top_k > steps:
+        raise ValueError(f"top_k must be <= lanczos_steps, got top_k={top_k}, {steps} steps")
+    scale = FilterNorm(params, filter_norm).scale  # raises for li2018
+    device = resolve_device(device, model)
+    if next(model.parameters()).device != device:
+        model = copy.deepcopy(model).to(device)
+    operator = HessianOperator(model, x, y, loss_fn, scale=scale.to(device), batch_size=batch_size)
+    n = operator.n
+    # Probes run side by side, as many as one pass of the model takes and the bases fit.
+    side_by_side = max(1, min(operator.vectors_per_pass, BASIS_FLOATS // (steps * n)))
+    tolerance = BREAKDOWN_ULPS * torch.finfo(params.flat.dtype).eps
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 2, (probes, n), generator=generator).double().mul_(2).sub_(1)
+    nodes, weights = np.zeros((probes, steps)), np.zeros((probes, steps))
+    quadratics, diagonal = np.zeros(probes), torch.zeros(n, dtype=torch.float64, device=device)
+    for group in range(0, probes, side_by_side):
+        rademacher = starts[group : group + side_by_side].to(device)  # v, with |v|² = n
+        tridiagonals, first = _lanczos(
+            operator, rademacher / np.sqrt(n), steps, generator, tolerance
+        )
+        rows = slice(group, group + len(rademacher))
+        nodes[rows], vectors = np.linalg.eigh(tridiagonals)
+        weights[rows] = vectors[:, 0, :] ** 2
+        quadratics[rows] = n * tridiagonals[:, 0, 0]  # vᵀHv
+        diagonal += np.sqrt(n) * (rademacher * first).sum(dim=0)  # Σ v⊙Hv
+    top = np.sort(nodes, axis=1)[:, ::-1][:, :top_k].max(axis=0)
+    stderr = quadratics.std(ddof=1) / np.sqrt(probes) if probes > 1 else float("nan")
+    return Curvature(
+        n_params=n,
+        base_loss=operator.base_loss,
+        top_eigenvalues=top,
+        trace=float(quadratics.mean()),
+        trace_stderr=float(stderr),
+        diagonal=(diagonal / probes).cpu().numpy(),
+        slq_nodes=nodes,
+        slq_weights=weights,
+    )
+
+
+def _lanczos(
+    operator: HessianOperator,
+    starts: torch.Tensor,
+    steps: int,
+    generator: torch.Generator,
+    tolerance: float,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """`steps` Lanczos steps from each unit row of `starts` (g, n) side by side: the
+    three-term recurrence, then each new vector orthogonalised against all before it.
+    Returns the tridiagonals T (g, steps, steps) and H·starts. A run that meets an
+    invariant subspace restarts from a fresh random vector with a zero off-diagonal: its
+    quadrature is unchanged (the new block has zero first components) and its Ritz
+    values go on finding eigenvalues."""
+    g, n = starts.shape
+    basis = torch.zeros(g, steps, n, dtype=torch.float64, device=starts.device)
+    tridiagonals = np.zeros((g, steps, steps))
+    q, previous, beta = starts, torch.zeros_like(starts), torch.zeros(g, 1).to(starts)
+    for j in range(steps):
+        basis[:, j] = q
+        w = operator.matvec(q)
+        if j == 0:
+            first = w
+        alpha = (q * w).sum(dim=1, keepdim=True)
+        tridiagonals[:, j, j] = alpha[:, 0].cpu().numpy()
+        if j == steps - 1:
+            break
+        known = basis[:, : j + 1]
+        w = _orthogonalise(w - alpha * q - beta * previous, known)
+        beta = w.norm(dim=1, keepdim=True)
+        size = np.abs(tridiagonals[:, : j + 1, : j + 1]).max(axis=(1, 2))
+        broken = torch.as_tensor(beta[:, 0].cpu().numpy() <= tolerance * size, device=w.device)
+        if broken.any():
+            fresh = torch.randn(int(broken.sum()), n, generator=generator, dtype=torch.float64)
+            fresh = _orthogonalise(fresh.to(w.device), known[broken], passes=2)
+            w[broken], beta[broken] = fresh / fresh.norm(dim=1, keepdim=True), 0.0
+        tridiagonals[:, j, j + 1] = tridiagonals[:, j + 1, j] = beta[:, 0].cpu().numpy()
+        previous, q = q, w / w.norm(dim=1, keepdim=True)
+    return tridiagonals, first
+
+
+def _orthogonalise(w: torch.Tensor, known: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """Rows of w (g, n) less their projections on the orthonormal rows of known (g, k, n).
+    One pass suffices after the three-term recurrence; a random vector takes two."""
+    for _ in range(passes):
+        w = w - torch.einsum("gk,gkn->gn", torch.einsum("gkn,gn->gk", known, w), known)
+    return w
