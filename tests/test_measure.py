@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from volume_ray import log_volume, measure_radii
+from volume_ray.basins import quadratic_basin
 from volume_ray.measure import RADII_COLUMNS, RadiusMeter
 from volume_ray.search import paper_grid
 
@@ -460,3 +461,28 @@ def test_no_warning_on_a_clean_run(model, digits):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         measure_radii(model, x, y, F.cross_entropy, num_directions=2)
+
+
+def test_quadratic_radii_equal_measured_radii_on_an_exact_quadratic_basin():
+    basin = quadratic_basin(60, decades=2.0, seed=3)
+    thresholds = (0.05, 0.2)
+    frame = measure_radii(
+        basin.model, basin.x, basin.y, basin.loss_fn, num_directions=12,
+        thresholds=thresholds, quadratic_radii=True,
+    )  # fmt: skip
+    assert not frame.censored.any()
+    np.testing.assert_allclose(frame.radius_quadratic, frame.radius, rtol=1e-3)
+
+
+def test_quadratic_radii_are_a_column_only_when_asked_and_leave_radii_alone(model, digits):
+    x, y = digits
+    kwargs = dict(num_directions=6, thresholds=(0.1, 0.5))
+    plain = measure_radii(model, x, y, F.cross_entropy, **kwargs)
+    with_quadratic = measure_radii(model, x, y, F.cross_entropy, quadratic_radii=True, **kwargs)
+    assert "radius_quadratic" not in plain.columns
+    pd.testing.assert_frame_equal(plain, with_quadratic.drop(columns="radius_quadratic"))
+    # cross-entropy at a confident minimum rises faster than its quadratic model
+    assert (with_quadratic.radius_quadratic > with_quadratic.radius).all()
+    with pytest.raises(ValueError, match="quadratic_radii"):
+        measure_radii(model, x, y, F.cross_entropy, num_directions=2, metric="accuracy",
+                      thresholds=(0.5,), quadratic_radii=True)  # fmt: skip

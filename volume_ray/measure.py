@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from volume_ray.checks import check_int, resolve_device
+from volume_ray.curvature import HessianOperator
 from volume_ray.directions import FILTER_NORMS, FilterNorm, perturbed_parameters, raw_directions
 from volume_ray.landscape import METRICS, Landscape
 from volume_ray.lanes import Lanes
@@ -72,6 +74,7 @@ def measure_radii(
     start: int = 0,
     full_curve: bool = False,
     points_per_pass: int | None = None,
+    quadratic_radii: bool = False,
 ) -> pd.DataFrame:
     """Walk from the trained weights along directions `start .. start+num_directions-1`
     until the metric on (x, y) first passes each threshold.
@@ -91,6 +94,10 @@ def measure_radii(
     - `batch_size` chunks the data; `device` picks where the work runs (the model is
       copied there if it lives elsewhere); `points_per_pass` weight sets share a
       forward pass (default 1 on CPU, where batching does not pay).
+    - `quadratic_radii=True` adds a column `radius_quadratic`: the radius a quadratic
+      basin with the landscape's Hessian H at the trained weights would give along the
+      direction, |g|*sqrt(2(T - L*)/dᵀHd), from one Hessian-vector product per direction
+      (inf where dᵀHd <= 0). Where it parts from `radius`, the basin is not quadratic.
     - On the CPU, walks go side by side, one per torch thread, each op on a single
       thread (`volume_ray.lanes`): radii are those of one thread, whatever the thread
       count, and `loss_fn` may be called from several threads at once. Each lane holds
@@ -99,8 +106,8 @@ def measure_radii(
 
     The model is left as it was: its weights are never written.
     """
-    _check_int("num_directions", num_directions, minimum=1)  # before any work
-    _check_int("start", start, minimum=0)
+    check_int("num_directions", num_directions, minimum=1)  # before any work
+    check_int("start", start, minimum=0)
     was_training = model.training
     try:
         meter = RadiusMeter(
@@ -108,6 +115,7 @@ def measure_radii(
             filter_norm=filter_norm, search=search, coefficients=coefficients, rtol=rtol,
             max_coefficient=max_coefficient, batch_size=batch_size, device=device,
             full_curve=full_curve, points_per_pass=points_per_pass,
+            quadratic_radii=quadratic_radii,
         )  # fmt: skip
         return meter.measure(start, num_directions)
     finally:
@@ -146,17 +154,29 @@ class RadiusMeter:
         full_curve: bool = False,
         points_per_pass: int | None = None,
         lanes: int | None = None,
+        quadratic_radii: bool = False,
     ):
         grid = _check_arguments(
             model, x, y, loss_fn, seed, metric, thresholds, filter_norm, search, coefficients,
             rtol, max_coefficient, batch_size, full_curve, points_per_pass,
         )  # fmt: skip
         if lanes is not None:
-            _check_int("lanes", lanes, minimum=1)
-        device = _device(device, model)
+            check_int("lanes", lanes, minimum=1)
+        if not isinstance(quadratic_radii, bool) or (quadratic_radii and metric != "loss"):
+            raise ValueError(
+                f"quadratic_radii must be True or False, and True only with metric='loss' "
+                f"(the Hessian is of the loss), got {quadratic_radii!r} with {metric!r}"
+            )
+        device = resolve_device(device, model)
         if next(model.parameters()).device != device:
             model = copy.deepcopy(model).to(device)
         model.eval()
+        # Its own copy: the landscape below reroutes some of its model's layers.
+        self._hessian = (
+            HessianOperator(copy.deepcopy(model), x.to(device), y.to(device), loss_fn,
+                            batch_size=batch_size)
+            if quadratic_radii else None
+        )  # fmt: skip
         params = perturbed_parameters(model)
         if points_per_pass is None:
             points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
@@ -219,16 +239,34 @@ class RadiusMeter:
 
     def measure(self, start: int, num_directions: int) -> pd.DataFrame:
         """Rows of directions start .. start+num_directions-1, as `measure_radii`."""
-        _check_int("num_directions", num_directions, minimum=1)
-        _check_int("start", start, minimum=0)
+        check_int("num_directions", num_directions, minimum=1)
+        check_int("start", start, minimum=0)
         stop = start + num_directions
         records = []
         for first in range(start, stop, self.block):
             block = range(first, min(first + self.block, stop))
             parts = _split(block, self._lanes.count)
             walked = self._lanes.map(lambda k, part: self._walk(self._landscapes[k], part), parts)
-            records.extend(record for lane in walked for record in lane)
+            rows = [record for lane in walked for record in lane]  # direction, then threshold
+            if self._hessian is not None:
+                for record, value in zip(rows, self._quadratic_radii(block).reshape(-1)):
+                    record["radius_quadratic"] = value
+            records.extend(rows)
         return pd.DataFrame.from_records(records)
+
+    def _quadratic_radii(self, indices: Sequence[int]) -> np.ndarray:
+        """(directions, thresholds): |g|*sqrt(2(T - L*)/dᵀHd), the crossing of the
+        quadratic model of the loss; inf where it never crosses, 0 where T <= L*. Computed
+        on all of torch's threads, so its last bits may depend on the thread count."""
+        raw, directions = self._directions(indices)  # on all threads: a diagnostic's
+        curvatures = (directions.double() * self._hessian.matvec(directions).double()).sum(1)
+        curvatures = curvatures.cpu().numpy()[:, None]
+        raw_norms = raw.double().norm(dim=1).cpu().numpy()[:, None]
+        gaps = np.asarray(self.thresholds, dtype=np.float64)[None, :] - self._hessian.base_loss
+        with np.errstate(divide="ignore", invalid="ignore"):
+            radii = raw_norms * np.sqrt(2 * gaps / curvatures)
+        radii = np.where(curvatures > 0, radii, math.inf)
+        return np.where(gaps > 0, radii, 0.0)
 
     def _walk(self, landscape: Landscape, indices: Sequence[int]) -> list[dict]:
         """The rows of directions `indices`, walked on `landscape` together."""
@@ -300,24 +338,6 @@ def _split(items: Sequence[int], parts: int) -> list[Sequence[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _device(requested: str | torch.device | None, model: nn.Module) -> torch.device:
-    """Where to work: `requested`, or the model's device; 'cuda' means the current GPU."""
-    if requested is None:
-        return next(model.parameters()).device
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"device must name a torch device such as 'cpu' or 'cuda:0': {error}"
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _levels(metric: str, thresholds: Sequence[float], size: int) -> list[float]:
     """Thresholds in the landscape's units: a summed loss, or a number of errors."""
     if metric == "loss":
@@ -364,7 +384,7 @@ def _check_arguments(
         raise ValueError(f"full_curve must be True or False, got {full_curve!r}")
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(outputs, targets)")
-    _check_int("seed", seed, minimum=0)
+    check_int("seed", seed, minimum=0)
     for name, value, allowed in (
         ("metric", metric, METRICS),
         ("filter_norm", filter_norm, FILTER_NORMS),
@@ -378,9 +398,9 @@ def _check_arguments(
     if not (isinstance(max_coefficient, numbers.Real) and 0 < max_coefficient < math.inf):
         raise ValueError(f"max_coefficient must be a finite number > 0, got {max_coefficient!r}")
     if batch_size is not None:
-        _check_int("batch_size", batch_size, minimum=1)
+        check_int("batch_size", batch_size, minimum=1)
     if points_per_pass is not None:
-        _check_int("points_per_pass", points_per_pass, minimum=1)
+        check_int("points_per_pass", points_per_pass, minimum=1)
     if search == "bisect":
         if coefficients is not None or full_curve:
             raise ValueError(
@@ -399,11 +419,6 @@ def _check_arguments(
     if np.any(np.diff(grid) <= 0):
         raise ValueError("coefficients must be strictly increasing; sort them first")
     return grid
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_thresholds(metric: str, thresholds: Sequence[float]) -> None:
