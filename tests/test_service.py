@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import ray
@@ -34,7 +35,11 @@ MODELS_COLUMNS = [
 VOLUMES_COLUMNS = [
     "model_id", "landscape_size", "metric", "threshold", "estimator", "log_volume", "ci_low",
     "ci_high", "n_directions", "n_censored", "n_params", "mean_radius", "median_radius",
-    "max_radius",
+    "max_radius", "ess", "top_share", "ci_valid", "floor",
+]  # fmt: skip
+CURVATURE_COLUMNS = [
+    "model_id", "landscape_size", "n_params", "base_loss", "top_eigenvalues", "trace",
+    "trace_stderr", "log_det", "floor", "probes", "lanczos_steps",
 ]  # fmt: skip
 
 TINY = {
@@ -43,6 +48,7 @@ TINY = {
     "model": {"name": "mlp", "hidden": [16]},
     "train": {"epochs": 150, "lr": 0.01, "seeds": [0]},
     "volume": {"directions": 24, "shard_size": 3, "thresholds": [0.5, 1.0]},
+    "curvature": {"enabled": True, "probes": 6, "lanczos_steps": 12, "quadratic_radii": True},
     "resources": {"workers": 2},
 }
 
@@ -69,7 +75,9 @@ def copy_store(store: SweepStore, tmp_path: Path, radii: bool) -> SweepStore:
     copy = SweepStore(tmp_path, store.root.name)
     if not radii:
         shutil.rmtree(copy.radii)
+        shutil.rmtree(copy.curvature_rows)
         copy.volumes_path.unlink()
+        copy.curvature_path.unlink()
     return copy
 
 
@@ -82,8 +90,17 @@ def test_a_tiny_sweep_yields_the_contract_tables(trained):
     assert set(radii.landscape_size) == {60, 180}
     volumes = pd.read_parquet(trained.volumes_path)
     assert list(volumes.columns) == VOLUMES_COLUMNS
-    assert len(volumes) == 3 * 2 * 2  # pairs x thresholds x estimators
+    assert len(volumes) == 3 * 2 * 3  # pairs x thresholds x estimators
+    assert set(volumes.estimator) == {"paper", "typical", "laplace"}
     assert (volumes.n_directions == 24).all()
+    laplace = volumes[volumes.estimator == "laplace"]
+    assert laplace.ci_valid.all() and (laplace.floor > 0).all()
+    assert volumes[volumes.estimator != "laplace"].floor.isna().all()
+    curvature = pd.read_parquet(trained.curvature_path)
+    assert list(curvature.columns[: len(CURVATURE_COLUMNS)]) == CURVATURE_COLUMNS
+    assert len(curvature) == 3 and (curvature.probes == 6).all()
+    assert all(len(top) == 5 for top in curvature.top_eigenvalues)
+    assert np.isfinite(radii.radius_quadratic).all() and (radii.radius_quadratic > 0).all()
     assert yaml.safe_load(trained.spec_path.read_text())["name"] == "tiny"
     # every model is measured with the same direction seeds
     raw = radii.groupby("model_id").raw_norm.apply(lambda s: tuple(sorted(set(s))))
@@ -104,6 +121,25 @@ def test_a_truncated_shard_is_detected_and_recomputed(trained, local_ray, tmp_pa
     assert [m.start for m in missing] == [int(victim.name.split("__d")[1].split("-")[0])]
     assert measure_stage(spec, store, progress=False).shards == 1
     pd.testing.assert_frame_equal(sorted_radii(store), sorted_radii(trained))
+
+
+def test_a_lost_curvature_row_alone_is_computed_again(trained, local_ray, tmp_path):
+    store = copy_store(trained, tmp_path, radii=True)
+    victim = sorted(store.curvature_rows.glob("*.parquet"))[1]
+    victim.unlink()
+    spec = load_spec(TINY)
+    missing, total = driver.pending_curvature(spec, store)
+    assert total == 3 and [store.curvature_name(t.pair.model_id, t.pair.landscape_size)
+                           for t in missing] == [victim.name]  # fmt: skip
+    stats = measure_stage(spec, store, progress=False)
+    assert stats.curvature == 1 and stats.shards == 0
+    pd.testing.assert_frame_equal(
+        aggregate_stage(spec, store), pd.read_parquet(trained.volumes_path)
+    )
+    recomputed = pd.read_parquet(store.curvature_path).drop(columns="seconds")
+    pd.testing.assert_frame_equal(
+        recomputed, pd.read_parquet(trained.curvature_path).drop(columns="seconds")
+    )
 
 
 def test_a_worker_killed_mid_shard_changes_nothing(trained, local_ray, tmp_path):

@@ -1,9 +1,10 @@
-"""Stages B and C: dispatch shards of directions to VolumeWorker actors, write each
-finished shard atomically, then aggregate the radii into volumes.
+"""Stages B and C: dispatch measuring tasks to VolumeWorker actors, write each finished
+task's rows atomically, then aggregate the radii (and curvature) into volumes.
 
-The driver only moves work and results: which shards exist, which are done, who
-measures what next. Every model is measured with the same direction seeds, and a
-shard's result depends only on (model, landscape, directions), so retries and reruns
+The driver only moves work and results: which tasks exist, which are done, who
+measures what next. A task is a shard of directions of one (model, landscape) pair, or
+that pair's curvature. Every model is measured with the same direction seeds, and a
+task's result depends only on (model, landscape, settings), so retries and reruns
 reproduce it exactly.
 """
 
@@ -23,16 +24,18 @@ from tqdm import tqdm
 from volume_ray.data.subsets import landscapes_use_extras
 from volume_ray.estimators import VOLUME_COLUMNS, volume_table
 from volume_ray.experiment import gpus_each, with_absolute_root
-from volume_ray.spec import Pair, SweepSpec, plan_pairs, plan_trials
+from volume_ray.spec import Pair, SweepSpec, load_spec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
 from volume_ray.workers import VolumeWorker, store_problem
 
 __all__ = [
+    "CurvatureTask",
     "MeasureStats",
     "Shard",
     "aggregate_stage",
     "check_store_from_every_node",
     "measure_stage",
+    "pending_curvature",
     "pending_shards",
     "run_sweep",
 ]
@@ -59,33 +62,88 @@ class Shard:
         """What names its file in the store: (model, landscape size, start, count)."""
         return self.pair.model_id, self.pair.landscape_size, self.start, self.count
 
+    def submit(self, actor) -> ray.ObjectRef:
+        p = self.pair
+        return actor.measure.options(
+            name=f"measure {p.model_id} L{p.landscape_size} d{self.start}"
+        ).remote(p.model_id, self.checkpoint, self.seed, p.landscape_extra, self.start, self.count)
 
-def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int]:
-    """(shards not yet on disk, shards in all) for the models already trained."""
+    def write(self, store: SweepStore, result: tuple[dict, dict]) -> None:
+        columns, facts = result
+        frame = pd.DataFrame(columns)
+        frame.insert(0, "model_id", self.pair.model_id)
+        frame.insert(1, "landscape_size", self.pair.landscape_size)
+        metadata = {f"volume_ray.{k}": str(v) for k, v in facts.items()}
+        write_table(frame, store.shard_path(*self.key), metadata=metadata)
+
+
+@dataclass(frozen=True)
+class CurvatureTask:
+    """The Hessian spectrum of one (model, landscape) pair."""
+
+    pair: Pair
+    seed: int
+    checkpoint: str
+
+    def submit(self, actor) -> ray.ObjectRef:
+        p = self.pair
+        return actor.curvature.options(name=f"curvature {p.model_id} L{p.landscape_size}").remote(
+            p.model_id, self.checkpoint, self.seed, p.landscape_extra
+        )
+
+    def write(self, store: SweepStore, result: dict) -> None:
+        store.write_curvature_row(
+            {"model_id": self.pair.model_id, "landscape_size": self.pair.landscape_size, **result}
+        )
+
+
+def _trained_pairs(spec: SweepSpec, store: SweepStore) -> list[tuple[Pair, int, str]]:
+    """(pair, training seed, checkpoint) of every pair whose model is trained."""
     models = store.finished_models()
     if models.empty:
-        return [], 0
+        return []
     checkpoints = dict(zip(models.model_id, models.checkpoint))
     trials = plan_trials(spec)
     trial_of = {m: t for t in trials for m in t.model_ids(spec.train.checkpoint_epochs)}
     uses_extras = landscapes_use_extras(spec.dataset.extra_kind)
+    return [
+        (pair, trial_of[pair.model_id].seed, checkpoints[pair.model_id])
+        for pair in plan_pairs(spec, trials, uses_extras)
+        if pair.model_id in checkpoints
+    ]
+
+
+def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int]:
+    """(shards not yet on disk, shards in all) for the models already trained."""
     rows_per_direction = len(spec.volume.thresholds)
     written = store.written_shards()
     shards, total = [], 0
-    for pair in plan_pairs(spec, trials, uses_extras):
-        if pair.model_id not in checkpoints:  # not trained yet
-            continue
-        trial = trial_of[pair.model_id]
+    for pair, seed, checkpoint in _trained_pairs(spec, store):
         for start in range(0, spec.volume.directions, spec.volume.shard_size):
             count = min(spec.volume.shard_size, spec.volume.directions - start)
             total += 1
-            shard = Shard(pair, trial.seed, checkpoints[pair.model_id], start, count)
+            shard = Shard(pair, seed, checkpoint, start, count)
             done = store.shard_name(*shard.key) in written and store.shard_is_complete(
                 store.shard_path(*shard.key), count * rows_per_direction
             )
             if not done:
                 shards.append(shard)
     return shards, total
+
+
+def pending_curvature(spec: SweepSpec, store: SweepStore) -> tuple[list[CurvatureTask], int]:
+    """(curvature tasks not yet on disk, tasks in all) for the models already trained;
+    none when the spec's curvature stage is off."""
+    if not spec.curvature.enabled:
+        return [], 0
+    written = store.written_curvature()
+    pairs = _trained_pairs(spec, store)
+    tasks = [
+        CurvatureTask(pair, seed, checkpoint)
+        for pair, seed, checkpoint in pairs
+        if store.curvature_name(pair.model_id, pair.landscape_size) not in written
+    ]
+    return tasks, len(pairs)
 
 
 def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
@@ -103,22 +161,26 @@ def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
 
 @dataclass(frozen=True)
 class MeasureStats:
-    """What one measuring stage did: shards measured, seconds until the first actor was
-    ready (process start, imports, data), seconds spent measuring, and shards re-queued."""
+    """What one measuring stage did: tasks run (shards, then curvature tasks), seconds
+    until the first actor was ready (process start, imports, data), seconds spent
+    measuring, and tasks re-queued."""
 
     shards: int
     startup_seconds: float
     measure_seconds: float
-    requeued: int = 0  # shards whose actor was lost, measured again by another
+    requeued: int = 0  # tasks whose actor was lost, run again by another
+    curvature: int = 0
 
 
 def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> MeasureStats:
-    """Measure every shard not yet on disk."""
+    """Run every shard and curvature task not yet on disk, on one pool of actors: a
+    pair's curvature goes first, so the actor that loads the pair keeps it."""
     shards, _ = pending_shards(spec, store)
-    if not shards:
+    curvature, _ = pending_curvature(spec, store)
+    if not shards and not curvature:
         return MeasureStats(0, 0.0, 0.0)
     began = time.perf_counter()
-    count, cpus, gpus = _worker_count(spec, len(shards))
+    count, cpus, gpus = _worker_count(spec, len(shards) + len(curvature))
     # The spec is small enough to travel inline with each actor's creation, so a
     # restarted actor never depends on an object that could be evicted.
     spec_dict = spec.model_dump(mode="json")
@@ -130,31 +192,36 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
                     name=f"volume_worker:{spec.name}:{i}", num_cpus=cpus, num_gpus=gpus
                 ).remote(spec_dict, store.location)
             )
-        return _dispatch(store, shards, actors, began, progress)
+        stats = _dispatch(store, [*curvature, *shards], actors, began, progress)
+        return MeasureStats(
+            len(shards), stats.startup_seconds, stats.measure_seconds, stats.requeued,
+            len(curvature),
+        )  # fmt: skip
     finally:
         for actor in actors:
             ray.kill(actor)
 
 
 def _dispatch(
-    store: SweepStore, shards: list[Shard], actors: list, began: float, progress: bool
-) -> MeasureStats:
-    """Keep every live actor busy until every shard is written.
+    store: SweepStore, tasks: list[Shard | CurvatureTask], actors: list, began: float,
+    progress: bool,
+) -> MeasureStats:  # fmt: skip
+    """Keep every live actor busy until every task is written.
 
     Work starts once every actor has answered its first ping, or START_GRACE_S after the
     first one did: an autoscaler may bring the others' nodes minutes later, or never,
     and those join in when they come. An actor lost with its node (or killed) fails its
-    shard at once: the shard goes back to the front of its queue for whichever actor is
+    task at once: the task goes back to the front of its queue for whichever actor is
     free next, and the lost actor is pinged. The ping waits through Ray's restart of the
     actor (which needs free resources) and puts it back to work; a ping that fails means
-    the restarts are used up. Only the driver writes shards, so a lost task leaves
-    nothing behind and no shard is written twice."""
+    the restarts are used up. Only the driver writes results, so a lost task leaves
+    nothing behind and nothing is written twice."""
     first_up, ready = None, None  # when the first actor answered; when work started
     starting = set(range(len(actors)))  # actors yet to answer their first ping
-    waiting: dict[Pair, deque[Shard]] = {}  # per pair, in order: an actor keeps its pair
-    for shard in shards:
-        waiting.setdefault(shard.pair, deque()).append(shard)
-    running: dict[ray.ObjectRef, tuple[int, Shard]] = {}  # shard tasks, with their actor
+    waiting: dict[Pair, deque] = {}  # per pair, in order: an actor keeps its pair
+    for task in tasks:
+        waiting.setdefault(task.pair, deque()).append(task)
+    running: dict[ray.ObjectRef, tuple[int, Shard | CurvatureTask]] = {}  # with their actor
     pings = {actor.pid.remote(): i for i, actor in enumerate(actors)}  # actor: answers when up
     idle: list[int] = []
     last_pair: dict[int, Pair] = {}
@@ -163,27 +230,13 @@ def _dispatch(
         pair = last_pair.get(actor)
         if pair not in waiting:
             pair = next(iter(waiting))
-        shard = waiting[pair].popleft()
+        task = waiting[pair].popleft()
         if not waiting[pair]:
             del waiting[pair]
         last_pair[actor] = pair
-        ref = (
-            actors[actor]
-            .measure.options(name=f"measure {pair.model_id} L{pair.landscape_size} d{shard.start}")
-            .remote(
-                pair.model_id,
-                shard.checkpoint,
-                shard.seed,
-                pair.landscape_extra,
-                shard.start,
-                shard.count,
-            )  # fmt: skip
-        )
-        running[ref] = (actor, shard)
+        running[task.submit(actors[actor])] = (actor, task)
 
-    bar = tqdm(
-        total=sum(s.count for s in shards), unit="dir", desc="measuring", disable=not progress
-    )
+    bar = tqdm(total=len(tasks), unit="task", desc="measuring", disable=not progress)
     requeued, lost_for_good = 0, None
     try:
         while waiting or running:
@@ -215,50 +268,60 @@ def _dispatch(
                 first_up = first_up or time.perf_counter()
                 idle.append(actor)
                 continue
-            actor, shard = running.pop(done[0])
+            actor, task = running.pop(done[0])
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayActorError:  # lost with its actor: back to the front
-                waiting.setdefault(shard.pair, deque()).appendleft(shard)
+                waiting.setdefault(task.pair, deque()).appendleft(task)
                 requeued += 1
                 pings[actors[actor].pid.remote()] = actor  # back to work once restarted
                 continue
-            _write_shard(store, shard, *result)
-            bar.update(shard.count)
+            task.write(store, result)
+            bar.update(1)
             idle.append(actor)
     finally:
         bar.close()
     if requeued:
-        log.warning("re-queued %d shard(s) of lost measuring actors; all measured", requeued)
-    return MeasureStats(len(shards), ready - began, time.perf_counter() - ready, requeued)
-
-
-def _write_shard(store: SweepStore, shard: Shard, columns: dict, facts: dict) -> None:
-    frame = pd.DataFrame(columns)
-    frame.insert(0, "model_id", shard.pair.model_id)
-    frame.insert(1, "landscape_size", shard.pair.landscape_size)
-    metadata = {f"volume_ray.{k}": str(v) for k, v in facts.items()}
-    write_table(frame, store.shard_path(*shard.key), metadata=metadata)
+        log.warning("re-queued %d task(s) of lost measuring actors; all done", requeued)
+    return MeasureStats(len(tasks), ready - began, time.perf_counter() - ready, requeued)
 
 
 def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
     """Every estimator for every (model, landscape, metric, threshold) -> volumes.parquet,
-    with models.parquet rewritten beside it so the two tables always agree."""
+    with models.parquet (and curvature.parquet) rewritten beside it so the tables
+    always agree."""
     models = store.write_models()
     radii = store.read_radii()
+    spectra = _spectra(store.write_curvature())
     if radii.empty:
         volumes = pd.DataFrame(columns=VOLUME_TABLE_COLUMNS)
     else:
         n_params = dict(zip(models.model_id, models.n_params))
+        v = spec.volume
         frames = []
         for (model_id, size), group in radii.groupby(["model_id", "landscape_size"], sort=True):
-            table = volume_table(group, int(n_params[model_id]), seed=spec.volume.seed)
+            spectrum = spectra.get((model_id, size))
+            estimators = [e for e in v.estimators if e != "laplace" or spectrum is not None]
+            table = volume_table(
+                group, int(n_params[model_id]), estimators=estimators, curvature=spectrum,
+                max_coefficient=v.max_coefficient, seed=v.seed,
+            )  # fmt: skip
             table.insert(0, "model_id", model_id)
             table.insert(1, "landscape_size", size)
             frames.append(table)
         volumes = pd.concat(frames, ignore_index=True)[VOLUME_TABLE_COLUMNS]
     write_table(volumes, store.volumes_path)
     return volumes
+
+
+def _spectra(curvature: pd.DataFrame) -> dict:
+    """Each pair's spectrum, keyed by (model_id, landscape_size)."""
+    from volume_ray.curvature import Curvature  # torch: only when there is one
+
+    return {
+        (row["model_id"], row["landscape_size"]): Curvature.from_record(row)
+        for row in curvature.to_dict("records")
+    }
 
 
 STAGES = ("train", "measure", "aggregate")
@@ -299,6 +362,11 @@ def check_store_from_every_node(store: SweepStore) -> None:
         raise RuntimeError(problems[0] + others)
 
 
+def _with_defaults(recorded: dict) -> dict:
+    """A recorded spec as this version validates it: fields it predates at defaults."""
+    return load_spec(recorded).model_dump(mode="json")
+
+
 def run_sweep(
     spec: SweepSpec,
     storage: str,
@@ -313,7 +381,7 @@ def run_sweep(
     from volume_ray.tune_stage import train_stage  # Tune is heavy: only when training
 
     store = SweepStore(storage, spec.name)
-    store.claim(spec.model_dump(mode="json"))
+    store.claim(spec.model_dump(mode="json"), canonical=_with_defaults)
     spec = with_absolute_root(spec)  # what trials and actors get; the store keeps the original
     started = connect(address)
     try:

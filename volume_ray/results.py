@@ -17,13 +17,13 @@ from volume_ray.locations import join, locate
 
 __all__ = ["TABLES", "joined_volumes", "load_sweeps", "load_table"]
 
-TABLES = ("models", "radii", "volumes")
+TABLES = ("models", "radii", "volumes", "curvature")
 
 
 def load_table(
     sweep: str | os.PathLike, table: str, *, where: str | None = None, **equal: object
 ) -> pd.DataFrame:
-    """`models`, `radii` or `volumes` of one sweep folder. `equal` keeps rows whose
+    """`models`, `radii`, `volumes` or `curvature` of one sweep folder. `equal` keeps rows whose
     columns equal the given values (landscape_size=100, threshold=0.1, ...); `where`
     is a pandas query for anything else ("log_volume > 0 and estimator == 'paper'")."""
     if table not in TABLES:

@@ -13,10 +13,18 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from volume_ray.data import DATASETS, EXTRA_KINDS
 from volume_ray.directions import FILTER_NORMS
+from volume_ray.estimators import DEFAULT_ESTIMATORS, ESTIMATORS
 from volume_ray.landscape import METRICS
 from volume_ray.measure import SEARCHES
 from volume_ray.models import MODELS
@@ -122,6 +130,15 @@ class VolumeSpec(_Strict):
     max_coefficient: Annotated[float, Field(gt=0)] = 1.0
     shard_size: PositiveInt = 32
     batch_size: PositiveInt | None = None
+    # Default: paper and typical, plus laplace when the curvature stage is on (SweepSpec).
+    estimators: list[Literal[ESTIMATORS]] = Field(default=list(DEFAULT_ESTIMATORS), min_length=1)  # type: ignore[valid-type]
+
+    @field_validator("estimators")
+    @classmethod
+    def _distinct_estimators(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError("must not repeat an estimator")
+        return values
 
     @field_validator("thresholds")
     @classmethod
@@ -132,6 +149,20 @@ class VolumeSpec(_Strict):
                 rule = "in (0, 1]" if metric == "accuracy" else "finite and > 0"
                 raise ValueError(f"each must be {rule} for metric {metric!r}")
         return thresholds
+
+
+class CurvatureSpec(_Strict):
+    """The Hessian of each landscape's loss in the radii's coordinates (one task per
+    (model, landscape) pair), for the laplace estimator and the spectrum figures."""
+
+    enabled: bool = False
+    top_k: PositiveInt = 5
+    probes: Annotated[int, Field(ge=2)] = 32  # two at least: the interval is their spread
+    lanczos_steps: PositiveInt = 64
+    seed: NonNegativeInt = 0
+    # One Hessian-vector product per direction: the radius a quadratic basin would
+    # give, stored beside the measured one (radii column radius_quadratic).
+    quadratic_radii: bool = False
 
 
 class ResourcesSpec(_Strict):
@@ -146,7 +177,43 @@ class SweepSpec(_Strict):
     model: ModelSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     volume: VolumeSpec = Field(default_factory=VolumeSpec)
+    curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _laplace_by_default_with_curvature(cls, raw: object) -> object:
+        """volume.estimators, when not given: paper and typical, and laplace too when
+        the curvature stage runs."""
+        if not isinstance(raw, dict):
+            return raw
+        volume, curvature = raw.get("volume") or {}, raw.get("curvature") or {}
+        if isinstance(volume, dict) and "estimators" not in volume:
+            on = isinstance(curvature, dict) and curvature.get("enabled") is True
+            chosen = [*DEFAULT_ESTIMATORS, *(["laplace"] if on else [])]
+            raw = {**raw, "volume": {**volume, "estimators": chosen}}
+        return raw
+
+    @model_validator(mode="after")
+    def _curvature_fits_the_volume(self) -> SweepSpec:
+        v, c = self.volume, self.curvature
+        if "laplace" in v.estimators and not c.enabled:
+            raise ValueError(
+                "volume.estimators: laplace needs the landscape's curvature; set "
+                "curvature.enabled: true or drop laplace"
+            )
+        if (c.enabled or c.quadratic_radii) and v.metric != "loss":
+            raise ValueError(
+                "curvature: the Hessian is of the loss, so it needs volume.metric: loss; "
+                "set curvature.enabled and curvature.quadratic_radii to false"
+            )
+        if c.enabled and v.filter_norm == "li2018":
+            raise ValueError(
+                "curvature.enabled: li2018 rescales each direction by its own norm, so its "
+                "radii have no fixed coordinates for a Hessian; use volume.filter_norm "
+                "paper or none, or set curvature.enabled: false"
+            )
+        return self
 
 
 SMOKE_EPOCHS, SMOKE_DIRECTIONS = 200, 8
@@ -199,8 +266,10 @@ def load_spec(source: str | Path | dict) -> SweepSpec:
         return SweepSpec.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "spec"
         message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule across fields: its message starts with the field
+            raise SpecError(f"spec field {message}") from None
+        field = ".".join(str(part) for part in first["loc"])
         got = (
             f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
         )

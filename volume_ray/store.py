@@ -5,6 +5,8 @@ Layout (DESIGN section 5):
 - `models.parquet`   one row per trained model; per-model rows live in `models/` first;
 - `checkpoints/`     one state dict per model (`torch.load(weights_only=True)`);
 - `radii/`           a Parquet dataset, one file per finished shard;
+- `curvature.parquet` one row per (model, landscape): the Hessian spectrum (DESIGN §7);
+                     per-pair rows live in `curvature/` first;
 - `volumes.parquet`  one row per (model, landscape, metric, threshold, estimator);
 - `tune/`            Ray Tune's experiment folders (resumable training states).
 
@@ -80,6 +82,8 @@ class SweepStore:
         self.checkpoints = join(self.root, "checkpoints")
         self.radii = join(self.root, "radii")
         self.volumes_path = join(self.root, "volumes.parquet")
+        self.curvature_rows = join(self.root, "curvature")
+        self.curvature_path = join(self.root, "curvature.parquet")
         self.tune = join(self.root, "tune")
 
     @classmethod
@@ -89,11 +93,14 @@ class SweepStore:
 
     # -- the spec ---------------------------------------------------------------------
 
-    def claim(self, spec_dict: dict) -> None:
+    def claim(self, spec_dict: dict, canonical=lambda recorded: recorded) -> None:
         """Record the spec, or check it matches the one already recorded: one store
-        never mixes results of two different specs (resources may change freely)."""
+        never mixes results of two different specs (resources, and the estimators that
+        aggregate the radii, may change freely). `canonical` fills in the defaults of
+        fields the recorded spec predates."""
         if exists(self.spec_path):
-            if _results_part(self.recorded_spec()) != _results_part(spec_dict):
+            recorded = canonical(self.recorded_spec())
+            if _results_part(recorded) != _results_part(spec_dict):
                 raise ValueError(
                     f"{self.location} already holds sweep '{spec_dict['name']}' run with a "
                     "different spec; rename the sweep or pick another --storage to keep both"
@@ -172,10 +179,38 @@ class SweepStore:
             return pd.DataFrame()
         return pq.ParquetDataset(files, filesystem=filesystem).read().to_pandas()
 
+    # -- curvature ----------------------------------------------------------------------
+
+    @staticmethod
+    def curvature_name(model_id: str, landscape_size: int) -> str:
+        return f"{model_id}__L{landscape_size}.parquet"
+
+    def write_curvature_row(self, row: dict) -> None:
+        """One (model, landscape) pair's spectrum, atomically: a rerun skips it."""
+        name = self.curvature_name(row["model_id"], row["landscape_size"])
+        write_table(pd.DataFrame([row]), join(self.curvature_rows, name))
+
+    def written_curvature(self) -> set[str]:
+        """File names in `curvature/`, from one listing."""
+        return names_in(self.curvature_rows, ".parquet")
+
+    def write_curvature(self) -> pd.DataFrame:
+        """curvature.parquet from the per-pair rows (none: no file)."""
+        filesystem, files = list_files(self.curvature_rows, ".parquet")
+        if not files:
+            return pd.DataFrame()
+        table = pq.ParquetDataset(files, filesystem=filesystem).read().to_pandas()
+        table = table.sort_values(["model_id", "landscape_size"], ignore_index=True)
+        write_table(table, self.curvature_path)
+        return table
+
 
 def _results_part(spec_dict: dict) -> dict:
-    """What decides the results: everything but where they are computed."""
-    return {k: v for k, v in spec_dict.items() if k != "resources"}
+    """What decides the stored results: everything but where they are computed and
+    which estimators aggregate them (volumes.parquet is rewritten whole each time)."""
+    part = {k: v for k, v in spec_dict.items() if k != "resources"}
+    volume = {k: v for k, v in part.get("volume", {}).items() if k != "estimators"}
+    return {**part, "volume": volume}
 
 
 def _read_or_none(filesystem: fs.FileSystem, path: str) -> pd.DataFrame | None:

@@ -1,5 +1,6 @@
-"""VolumeWorker: a Ray actor that measures shards of directions for (model, landscape)
-pairs. It holds one pair on its device at a time and only delegates to the core."""
+"""VolumeWorker: a Ray actor that measures shards of directions, and the curvature, of
+(model, landscape) pairs. It holds one pair on its device at a time and only delegates
+to the core."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 import ray
 from ray.util import metrics
 
+from volume_ray.curvature import curvature
+from volume_ray.estimators import laplace_floor
 from volume_ray.experiment import assigned_device, configure_process, experiment_data, new_model
 from volume_ray.locations import exists
 from volume_ray.measure import RadiusMeter
@@ -33,6 +36,7 @@ class VolumeWorker:
         self.data = experiment_data(self.spec)
         self.loss_fn = loss_for_task(self.data.source.task)
         self.loaded: tuple[str, int] | None = None
+        self.meter = None
         tags = ("sweep", "model", "landscape")
         self.directions = metrics.Counter(
             "volume_ray_directions_measured", "directions measured", tag_keys=tags
@@ -48,20 +52,24 @@ class VolumeWorker:
             "volume_ray_latest_radius", "median radius of the latest shard", tag_keys=tags
         )
 
+    def _pair(self, model_id: str, checkpoint: str, seed: int, landscape_extra: int):
+        """The trained model and the landscape set of a pair."""
+        model = new_model(self.spec, self.data, seed)
+        model.load_state_dict(self.store.read_state_dict(checkpoint))
+        return (model, *self.data.landscape_set(landscape_extra))
+
     def _load(self, model_id: str, checkpoint: str, seed: int, landscape_extra: int) -> None:
         """Build the meter of a pair once: landscape on the device, filter norm, hints."""
         if self.loaded == (model_id, landscape_extra):
             return
         self.meter = None  # free the previous pair's device memory first
-        model = new_model(self.spec, self.data, seed)
-        model.load_state_dict(self.store.read_state_dict(checkpoint))
-        x, y = self.data.landscape_set(landscape_extra)
+        model, x, y = self._pair(model_id, checkpoint, seed, landscape_extra)
         v = self.spec.volume
         self.meter = RadiusMeter(
             model, x, y, self.loss_fn, seed=v.seed, metric=v.metric,
             thresholds=tuple(v.thresholds), filter_norm=v.filter_norm, search=v.search,
             rtol=v.rtol, max_coefficient=v.max_coefficient, batch_size=v.batch_size,
-            device=self.device,
+            device=self.device, quadratic_radii=self.spec.curvature.quadratic_radii,
         )  # fmt: skip
         self.loaded = (model_id, landscape_extra)
 
@@ -94,6 +102,32 @@ class VolumeWorker:
             "seconds": seconds,
         }
         return frame.to_dict("list"), facts
+
+    def curvature(self, model_id: str, checkpoint: str, seed: int, landscape_extra: int) -> dict:
+        """The Hessian spectrum of a pair, as one curvature.parquet row (less the pair's
+        keys), with log_det at the first threshold's floor."""
+        configure_process()
+        began = time.perf_counter()
+        model, x, y = self._pair(model_id, checkpoint, seed, landscape_extra)
+        c, v = self.spec.curvature, self.spec.volume
+        spectrum = curvature(
+            model, x, y, self.loss_fn, filter_norm=v.filter_norm, top_k=c.top_k,
+            probes=c.probes, lanczos_steps=c.lanczos_steps, seed=c.seed,
+            batch_size=v.batch_size, device=self.device,
+        )  # fmt: skip
+        delta = v.thresholds[0] - spectrum.base_loss
+        cap = v.max_coefficient * spectrum.n_params**0.5  # the cap of a typical direction
+        floor = laplace_floor(delta, cap) if delta > 0 else float("nan")
+        log_det = spectrum.log_det(floor) if delta > 0 else float("nan")
+        record = spectrum.to_record()
+        first = ["n_params", "base_loss", "top_eigenvalues", "trace", "trace_stderr"]
+        return {
+            **{k: record.pop(k) for k in first},
+            "log_det": log_det,
+            "floor": floor,
+            **record,  # probes, lanczos_steps, and the SLQ nodes and weights
+            "seconds": time.perf_counter() - began,
+        }
 
     @ray.method(max_task_retries=-1)  # a ping waits for a restart, fails only past the last
     def pid(self) -> int:
