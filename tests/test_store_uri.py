@@ -221,7 +221,7 @@ def test_status_query_and_report_take_a_sweep_uri(sweeps, capsys):
     assert main(["report", remote.location]) == 0
     summary = read_bytes(join(remote.location, "report", "summary.md")).decode()
     assert summary.startswith("# tiny-s3")
-    assert "wrote 5 figures" in capsys.readouterr().out
+    assert "wrote 6 figures" in capsys.readouterr().out
 
 
 def test_a_worker_that_cannot_see_the_store_says_where_and_how_to_fix(sweeps):

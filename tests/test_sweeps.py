@@ -79,7 +79,7 @@ def test_report_writes_figures_whose_axes_carry_data(smoke_runs):
     root = smoke_runs["digits_data_scaling"].root
     out = write_report(root)
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 5 and all(p.stat().st_size > 10_000 for p in pngs)
+    assert len(pngs) == 6 and all(p.stat().st_size > 10_000 for p in pngs)
     summary = (out / "summary.md").read_text()
     assert "Power law of volume against training-set size" in summary
     models, volumes, radii = (load_table(root, t) for t in ("models", "volumes", "radii"))

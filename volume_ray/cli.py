@@ -56,26 +56,37 @@ def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     print(f"\n{spec.name}: done in {time.perf_counter() - started:.0f} s, results in {where}")
     if exists(store.volumes_path):
         _print_volumes(where)
+        paths = {"models": store.models_path, "radii": store.radii,
+                 "volumes": store.volumes_path, "curvature": store.curvature_path}  # fmt: skip
         print(
             "\nRead the tables in Python:\n"
             "  from volume_ray.results import load_table\n"
-            + "".join(f"  load_table('{where}', '{table}')\n" for table in TABLES),
+            + "".join(
+                f"  load_table('{where}', '{table}')\n" for table in TABLES if exists(paths[table])
+            ),
             end="",
         )
     return 0
 
 
 def _print_volumes(sweep: str) -> None:
+    """Per (metric, threshold), each estimator's log-volumes (rows: models, columns:
+    landscapes), headed by how many directions carry it."""
+    from volume_ray.analysis.figures import estimators_in
+    from volume_ray.analysis.report import carried_by
     from volume_ray.results import load_table
 
     volumes = load_table(sweep, "volumes")
     order = load_table(sweep, "models").sort_values(["train_size", "optimizer", "seed"])
-    paper = volumes[volumes.estimator == "paper"]
-    for (metric, threshold), group in paper.groupby(["metric", "threshold"]):
-        table = group.pivot(index="model_id", columns="landscape_size", values="log_volume")
-        table = table.reindex([m for m in order.model_id if m in table.index])
+    for (metric, threshold), group in volumes.groupby(["metric", "threshold"]):
         print(f"\nlog-volume ({metric} threshold {threshold}); rows: models, columns: landscapes")
-        print(table.to_string(float_format=lambda v: f"{v:,.1f}"))
+        for estimator in estimators_in(group):
+            rows = group[group.estimator == estimator]
+            table = rows.pivot(index="model_id", columns="landscape_size", values="log_volume")
+            table = table.reindex([m for m in order.model_id if m in table.index])
+            table.index.name = table.columns.name = None
+            print(f"{estimator} ({carried_by(rows)})")
+            print(table.to_string(float_format=lambda v: f"{v:,.1f}"))
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -111,7 +122,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from volume_ray.driver import pending_shards
+    from volume_ray.driver import pending_curvature, pending_shards
     from volume_ray.locations import exists
     from volume_ray.spec import load_spec, plan_trials
     from volume_ray.store import SweepStore
@@ -123,6 +134,11 @@ def _status(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name} in {store.location}")
     print(f"  models   {len(models)}/{len(plan_trials(spec))} trained")
     print(f"  shards   {total - len(missing)}/{total} measured (of the trained models)")
+    if spec.curvature.enabled:
+        pending, pairs = pending_curvature(spec, store)
+        print(f"  curvature {pairs - len(pending)}/{pairs} pairs written (of the trained models)")
+    else:
+        print("  curvature off (curvature.enabled: false)")
     print(f"  volumes  {'written' if exists(store.volumes_path) else 'not yet'}")
     return 0
 
@@ -184,15 +200,29 @@ def _demo(args: argparse.Namespace) -> int:
         f"({radii.evals.mean():.1f} evaluations per direction, "
         f"{time.perf_counter() - started:.1f} s)\n"
     )
-    shown = volumes[volumes.estimator == "paper"][
-        ["threshold", "log_volume", "ci_low", "ci_high", "n_censored", "mean_radius"]
-    ]
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
+    print("log_volume (nats) by estimator; ess: how many directions carry it; CI —: withheld")
+    print(_side_by_side(volumes).to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
     out = Path(args.out)
     write_table(radii, out / "radii.parquet")
     write_table(volumes, out / "volumes.parquet")
     print(f"\nwrote {out / 'radii.parquet'} and {out / 'volumes.parquet'}")
     return 0
+
+
+def _side_by_side(volumes):
+    """One row per threshold: each estimator's log-volume, its interval ("—" where
+    withheld) and how many directions carry it (ess), then the censoring."""
+    import pandas as pd
+
+    rows = []
+    for threshold, group in volumes.groupby("threshold"):
+        row = {"threshold": threshold}
+        for e in group.itertuples():
+            interval = f"[{e.ci_low:,.1f}, {e.ci_high:,.1f}]" if e.ci_valid else "—"
+            row |= {e.estimator: e.log_volume, f"{e.estimator} CI": interval,
+                    f"{e.estimator} ess": e.ess}  # fmt: skip
+        rows.append({**row, "censored": e.n_censored, "mean_radius": e.mean_radius})
+    return pd.DataFrame(rows)
 
 
 def _parser() -> argparse.ArgumentParser:

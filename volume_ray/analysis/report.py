@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from torch import nn
 
@@ -21,14 +22,17 @@ from volume_ray.analysis.ranks import (
 )
 from volume_ray.analysis.slices import loss_plane
 from volume_ray.analysis.trends import scaling_table
+from volume_ray.estimators import MIN_ESS
 from volume_ray.experiment import experiment_data, new_model
-from volume_ray.locations import join, write_atomic
+from volume_ray.locations import exists, join, write_atomic
 from volume_ray.models import loss_for_task
 from volume_ray.results import load_table
 from volume_ray.spec import load_spec
 from volume_ray.store import SweepStore
 
-__all__ = ["cutoffs", "write_report"]
+__all__ = ["carried_by", "cutoffs", "ess_table", "write_report"]
+
+RANKED = ("paper", "typical")  # the estimators whose ranks the summary compares
 
 
 def cutoffs(spec, store: SweepStore, models: pd.DataFrame) -> pd.DataFrame:
@@ -71,35 +75,93 @@ def write_report(sweep_dir: str | os.PathLike) -> Path | str:
     store = SweepStore.at(sweep_dir)
     spec = load_spec(store.recorded_spec())
     models, volumes, radii = (load_table(store.root, t) for t in ("models", "volumes", "radii"))
+    curvature = load_table(store.root, "curvature") if exists(store.curvature_path) else None
     out = join(store.root, "report")
     base = int(volumes.landscape_size.min())
     cut = cutoffs(spec, store, models)
+    quadratic = "radius_quadratic" in radii and radii.radius_quadratic.notna().any()
     drawn = []
+
+    def draw(name: str, figure) -> None:  # written at once: a sweep may have many figures
+        if figure is not None:
+            _write_figure(figure, join(out, f"{name}.png"))
+            drawn.append(f"{name}.png")
+
     for threshold in spec.volume.thresholds:
         tag = f"T{threshold:g}"
-        plots = {
-            "volume_vs_train_size": figures.volume_against_train_size(volumes, models, threshold),
-            "volume_vs_landscape": figures.volume_against_landscape(
-                volumes, models, threshold, cut
-            ),
-            "volume_vs_test_accuracy": figures.volume_against_test_accuracy(
-                volumes, models, threshold, base
-            ),
-            "estimate_vs_directions": figures.estimate_against_directions(
-                radii, models, threshold, base
-            ),
-            "radii": figures.radius_distributions(radii, threshold, base),
-        }
-        for name, figure in plots.items():
-            _write_figure(figure, join(out, f"{name}_{tag}.png"))
-            drawn.append(f"{name}_{tag}.png")
-    figure = _slice_through_three_minima(spec, store, models)
-    if figure is not None:
-        _write_figure(figure, join(out, "loss_slice.png"))
-        drawn.append("loss_slice.png")
-    summary = _summary(spec, models, volumes, radii, cut, drawn).encode()
+        draw(
+            f"volume_vs_train_size_{tag}",
+            figures.volume_against_train_size(volumes, models, threshold),
+        )
+        draw(
+            f"estimators_vs_train_size_{tag}",
+            figures.estimators_against_train_size(volumes, models, threshold),
+        )
+        draw(
+            f"volume_vs_landscape_{tag}",
+            figures.volume_against_landscape(volumes, models, threshold, cut),
+        )
+        draw(
+            f"volume_vs_test_accuracy_{tag}",
+            figures.volume_against_test_accuracy(volumes, models, threshold, base),
+        )
+        draw(
+            f"estimate_vs_directions_{tag}",
+            figures.estimate_against_directions(radii, models, threshold, base),
+        )
+        draw(f"radii_{tag}", figures.radius_distributions(radii, threshold, base))
+        if quadratic:
+            draw(
+                f"quadratic_radii_{tag}",
+                figures.quadratic_against_measured_radii(radii, threshold, base),
+            )
+    if curvature is not None:
+        draw("spectrum", figures.spectrum(curvature, base))
+    draw("loss_slice", _slice_through_three_minima(spec, store, models))
+    summary = _summary(spec, models, volumes, radii, curvature, cut, drawn).encode()
     write_atomic(join(out, "summary.md"), lambda sink: sink.write(summary))
     return out
+
+
+def carried_by(rows: pd.DataFrame) -> str:
+    """How many directions carry one estimator's rows of volumes.parquet, in words, and
+    whether its intervals are withheld: the paper estimate at large n is decided by one
+    direction, and a reader must see that next to the number."""
+    directions = int(rows.n_directions.median())
+    ess = rows.ess.dropna()
+    if ess.empty:
+        words = "the Hessian spectrum, not directions"
+    elif ess.median() >= directions:
+        words = f"every one of {directions} directions"
+    else:
+        median = ess.median()
+        words = f"median ess {median:.1f} of {directions} directions"
+        if median < 1.5:
+            words += ": one direction decides it"
+        elif median < MIN_ESS:
+            words += f": fewer than {MIN_ESS} decide it"
+    withheld = int((~rows.ci_valid.astype(bool)).sum())
+    if withheld == len(rows):
+        words += "; intervals withheld"
+    elif withheld:
+        words += f"; intervals withheld in {withheld} of {len(rows)}"
+    return words
+
+
+def ess_table(volumes: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """Every estimate with the number of directions carrying it: the interval as text,
+    or "—" where it is withheld (`ci_valid` False). Minima in training-set order."""
+    order = {name: i for i, name in enumerate(figures.estimators_in(volumes))}
+    table = volumes.merge(models[["model_id", "train_size", "seed"]], on="model_id")
+    table = table.assign(_order=table.estimator.map(order)).sort_values(
+        ["_order", "threshold", "landscape_size", "train_size", "seed", "model_id"]
+    )
+    interval = [
+        f"[{low:.4g}, {high:.4g}]" if valid else "—"
+        for low, high, valid in zip(table.ci_low, table.ci_high, table.ci_valid.astype(bool))
+    ]
+    columns = ["estimator", "model_id", "landscape_size", "threshold", "log_volume"]
+    return table[columns].assign(interval=interval, ess=table.ess, top_share=table.top_share)
 
 
 def _slice_through_three_minima(spec, store: SweepStore, models: pd.DataFrame):
@@ -116,23 +178,29 @@ def _slice_through_three_minima(spec, store: SweepStore, models: pd.DataFrame):
     return figures.loss_slice(a, b, losses, [f"n={size}" for size in chosen.train_size])
 
 
-def _summary(spec, models, volumes, radii, cut, drawn) -> str:
-    paper = volumes[volumes.estimator == "paper"]
-    merged = paper.merge(models[["model_id", "train_size", "test_loss", "test_acc"]], on="model_id")
+def _summary(spec, models, volumes, radii, curvature, cut, drawn) -> str:
+    ranked = volumes[volumes.estimator.isin(RANKED)]
+    merged = ranked.merge(models[["model_id", "train_size", "test_loss", "test_acc"]],
+                          on="model_id")  # fmt: skip
+    keys = ["estimator", "landscape_size", "threshold"]
     ranks = [
         {
-            "landscape_size": landscape,
-            "threshold": threshold,
+            **dict(zip(keys, key)),
             "minima": len(group),
             "adjacent_inversions": adjacent_inversions(group.log_volume, group.test_loss),
             "spearman_volume_test_acc": volume_accuracy_spearman(group.log_volume, group.test_acc),
         }
-        for (landscape, threshold), group in merged.groupby(["landscape_size", "threshold"])
+        for key, group in merged.groupby(keys)
         if len(group) >= 2
     ]
     accuracy = models.groupby("train_size")[["test_loss", "test_acc"]].mean().reset_index()
+    present = figures.estimators_in(volumes)
+    carriers = "\n".join(_carriers(volumes[volumes.estimator == name]) for name in present)
     sections = [
         ("Models (mean over seeds)", _table(accuracy)),
+        ("How many directions carry each estimator",
+         f"{carriers}\n\nAn interval is shown only where it can be trusted (`ci_valid`); "
+         f"the paper's bootstrap needs ess >= {MIN_ESS}.\n\n" + _table(ess_table(volumes, models))),
         ("Power law of volume against training-set size, per landscape",
          _table(scaling_table(volumes, models, against="train_size"))),
         ("Power law of volume against landscape size, per minimum",
@@ -143,17 +211,38 @@ def _summary(spec, models, volumes, radii, cut, drawn) -> str:
         ("Is a landscape's own minimum the largest there?",
          _table(own_minimum_is_largest(volumes, models))),
         ("Ranking stability: how often K random directions rank the base landscape's "
-         "minima as all directions do", _table(_stability(spec, volumes, radii, models))),
+         "minima as all directions do (paper)", _table(_stability(spec, volumes, radii, models))),
         ("Cutoffs: landscape size where each minimum's loss first passes T", _table(cut)),
         ("Censoring", f"{int(radii.censored.sum())} of {len(radii)} radii censored "
                       f"({radii.censored.mean():.2%})."),
-        ("Figures", "\n".join(f"![{name}]({name})" for name in drawn)),
     ]  # fmt: skip
+    if curvature is not None:
+        sections.append(("Curvature (Hessian in the radii's coordinates)", _curvature(curvature)))
+    sections.append(("Figures", "\n".join(f"![{name}]({name})" for name in drawn)))
+    estimates = volumes.groupby(["model_id", "landscape_size", "metric", "threshold"]).ngroups
     header = (
-        f"# {spec.name}\n\n{len(models)} models; {len(paper)} (model, landscape, threshold) "
-        f"estimates from {spec.volume.directions} directions each.\n"
+        f"# {spec.name}\n\n{len(models)} models; {estimates} (model, landscape, threshold) "
+        f"estimates from {spec.volume.directions} directions each, by {', '.join(present)}.\n"
     )
     return header + "".join(f"\n## {title}\n\n{body}\n" for title, body in sections)
+
+
+def _carriers(rows: pd.DataFrame) -> str:
+    """One estimator's line: what carries it, and in how many estimates too few do."""
+    line = f"- **{rows.estimator.iloc[0]}**: carried by {carried_by(rows)} ({len(rows)} estimates"
+    if rows.ess.notna().any():
+        line += f"; ess below {MIN_ESS} in {int((rows.ess < MIN_ESS).sum())}"
+    return line + ")"
+
+
+def _curvature(curvature: pd.DataFrame) -> str:
+    """One line per (model, landscape): the largest eigenvalue and the trace."""
+    table = curvature[["model_id", "landscape_size", "n_params", "base_loss"]].assign(
+        top_eigenvalue=[float(np.max(values)) for values in curvature.top_eigenvalues],
+        trace=curvature.trace,
+        trace_stderr=curvature.trace_stderr,
+    )
+    return _table(table)
 
 
 def _stability(spec, volumes, radii, models) -> pd.DataFrame:
