@@ -194,12 +194,23 @@ class Curvature:
     def lanczos_steps(self) -> int:
         return self.slq_nodes.shape[1]
 
+    @property
+    def exact(self) -> bool:
+        """Whether the Krylov space was the whole space (lanczos_steps = n): then each
+        probe's Ritz values are all n eigenvalues, and sums over the spectrum are exact
+        rather than estimates."""
+        return self.lanczos_steps == self.n_params
+
+    def _node_weights(self) -> np.ndarray:
+        """Each node's share of the spectrum: its quadrature weight, or 1/n if exact."""
+        return np.full_like(self.slq_nodes, 1 / self.n_params) if self.exact else self.slq_weights
+
     def log_det_samples(self, floor: float) -> np.ndarray:
         """One SLQ estimate of Σ ln max(λᵢ, floor) per probe: (probes,)."""
         if not floor > 0:
             raise ValueError(f"floor must be > 0, got {floor!r}")
         logs = np.log(np.maximum(self.slq_nodes, floor))
-        return self.n_params * (self.slq_weights * logs).sum(axis=1)
+        return self.n_params * (self._node_weights() * logs).sum(axis=1)
 
     def log_det(self, floor: float) -> float:
         """The SLQ estimate of Σ ln max(λᵢ, floor): the mean over probes."""
@@ -213,7 +224,7 @@ class Curvature:
         grid = np.asarray(grid, dtype=np.float64)
         gaps = (grid[..., None, None] - self.slq_nodes) / sigma
         bumps = np.exp(-0.5 * gaps**2) / (sigma * np.sqrt(2 * np.pi))
-        return (bumps * self.slq_weights).sum(axis=-1).mean(axis=-1)
+        return (bumps * self._node_weights()).sum(axis=-1).mean(axis=-1)
 
     def to_record(self) -> dict:
         """Plain values for one Parquet row (the diagonal is left out: n values)."""
@@ -263,8 +274,10 @@ def curvature(
     """Curvature of the mean `loss_fn` on (x, y) at the model's weights, in z.
 
     `probes` Rademacher starts each run `lanczos_steps` Lanczos steps (clipped to n), so
-    a call costs probes·lanczos_steps Hessian-vector products. `top_k` eigenvalues are
-    the largest Ritz values over all probes (each a lower bound of its eigenvalue).
+    a call costs probes·lanczos_steps Hessian-vector products. With lanczos_steps >= n
+    one probe finds the whole spectrum, and `log_det` is exact (`Curvature.exact`).
+    `top_k` eigenvalues are the largest Ritz values over all probes (each a lower bound
+    of its eigenvalue).
     Randomness comes from a generator seeded with `seed` only. `batch_size` is the
     (sample, vector) pairs per pass, as in `HessianOperator`; probes run side by side as
     many as fit. `device` picks where the work runs (the model is copied there if it
@@ -310,12 +323,16 @@ def curvature(
         quadratics[rows] = n * tridiagonals[:, 0, 0]  # vᵀHv
         diagonal += np.sqrt(n) * (rademacher * first).sum(dim=0)  # Σ v⊙Hv
     top = np.sort(nodes, axis=1)[:, ::-1][:, :top_k].max(axis=0)
-    stderr = quadratics.std(ddof=1) / np.sqrt(probes) if probes > 1 else float("nan")
+    if steps == n:  # each probe's Ritz values are the whole spectrum: the trace is exact
+        trace, stderr = nodes.sum(axis=1).mean(), 0.0
+    else:
+        trace = quadratics.mean()
+        stderr = quadratics.std(ddof=1) / np.sqrt(probes) if probes > 1 else float("nan")
     return Curvature(
         n_params=n,
         base_loss=operator.base_loss,
         top_eigenvalues=top,
-        trace=float(quadratics.mean()),
+        trace=float(trace),
         trace_stderr=float(stderr),
         diagonal=(diagonal / probes).cpu().numpy(),
         slq_nodes=nodes,
