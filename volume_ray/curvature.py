@@ -29,7 +29,8 @@ from volume_ray.directions import FilterNorm, perturbed_parameters
 
 __all__ = ["SAMPLES_PER_PASS", "Curvature", "HessianOperator", "curvature"]
 
-SAMPLES_PER_PASS = 4096  # default (sample, vector) pairs in one forward-over-reverse pass
+SAMPLES_PER_PASS = 4096  # samples in one forward-over-reverse pass, at most, by default
+PASS_FLOATS = 2**24  # activations one pass holds by default (64 MiB in fp32)
 BASIS_FLOATS = 2**27  # float64 Lanczos vectors held at once (1 GiB)
 BREAKDOWN_ULPS = 100  # a Lanczos residual this many ulps of |T| small spans an invariant space
 
@@ -40,8 +41,11 @@ class HessianOperator:
     """Products H_z v = f⊙H_w(f⊙v) of the mean loss on (x, y), at z = 0.
 
     `scale` is f, (n,) (None: ones, plain weight space). One pass of the model takes
-    `batch_size` (sample, vector) pairs (None: SAMPLES_PER_PASS), the memory knob: a
-    chunk of that many samples at most, with as many vectors as fit (`vectors_per_pass`).
+    `batch_size` (sample, vector) pairs, the memory knob: a chunk of that many samples
+    at most, with as many vectors as fit (`vectors_per_pass`). By default, as many pairs
+    as hold PASS_FLOATS activations (primal, tangent and gradient), in chunks of at most
+    SAMPLES_PER_PASS samples: vectors side by side turn the model's matrix-vector work
+    into matrix products.
     The mean's product sums the chunks' products, weighted by their share of samples.
     The model computes in eval mode, in its dtype and on its device; its weights are
     never written and each module's training flag is restored after every call. `count`
@@ -76,8 +80,8 @@ class HessianOperator:
         named = chain(model.named_parameters(), model.named_buffers())
         self.fixed = {name: t.detach() for name, t in named if name not in chosen}
         x, y = x.to(flat.device), y.to(flat.device)
-        pairs = batch_size or SAMPLES_PER_PASS
-        size = min(len(x), pairs)
+        pairs = batch_size or max(1, PASS_FLOATS // (3 * self._floats_per_sample(x[:1])))
+        size = min(len(x), pairs, batch_size or SAMPLES_PER_PASS)
         self.vectors_per_pass = max(1, pairs // size)
         self.chunks = [
             (x[i : i + size], y[i : i + size], len(x[i : i + size]) / len(x))
@@ -87,6 +91,23 @@ class HessianOperator:
         self._vmap = True  # until a batched product shows the model or loss cannot vmap
         with self._eval():
             self.base_loss = self._check_loss_and_base()
+
+    def _floats_per_sample(self, sample: torch.Tensor) -> int:
+        """The outputs of every leaf module in one forward pass of one sample, counted by
+        hooks that live for that pass only."""
+        counts = []
+        count = lambda _module, _inputs, out: counts.append(  # noqa: E731
+            out.numel() if isinstance(out, torch.Tensor) else 0
+        )
+        leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
+        hooks = [m.register_forward_hook(count) for m in leaves]
+        try:
+            with torch.no_grad(), self._eval():
+                self.model(sample)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return max(1, sum(counts))
 
     @contextmanager
     def _eval(self) -> Iterator[None]:
