@@ -67,6 +67,7 @@ def test_demo_rejects_bad_numbers(capsys):
         ("bench_training.py", "samples/s"),
         ("bench_workers.py", "per-shard overhead"),
         ("bench_cluster.py", "overhead of crossing nodes"),
+        ("bench_estimators.py", "curvature cost"),
     ],
 )
 def test_benchmarks_run(script, prints):
