@@ -204,6 +204,16 @@ def test_laplace_is_the_quadratic_closed_form():
     assert spread.ci_low < spread.estimate < spread.ci_high
 
 
+def test_laplace_interval_widens_by_half_the_quadrature_error():
+    plain = laplace_estimate([1.0, 3.0, 2.0], 4, 0.1)
+    widened = laplace_estimate([1.0, 3.0, 2.0], 4, 0.1, log_det_error=6.0)
+    assert widened.estimate == plain.estimate and widened.stderr == plain.stderr
+    assert widened.ci_low == pytest.approx(plain.ci_low - 3.0)
+    assert widened.ci_high == pytest.approx(plain.ci_high + 3.0)
+    with pytest.raises(ValueError, match="log_det_error"):
+        laplace_estimate([1.0, 3.0], 4, 0.1, log_det_error=-1.0)
+
+
 def test_laplace_floor_puts_the_quadratic_radius_at_the_cap():
     floor = laplace_floor(0.1, 20.0)
     assert math.sqrt(2 * 0.1 / floor) == pytest.approx(20.0)

@@ -225,6 +225,14 @@ def test_a_trial_that_raises_once_is_retried(local_ray, tmp_path):
         ({"dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0, 5000]}}, "remain"),
         ({"model": {"name": "cnn", "channels": [4]}}, "square images"),
         ({"dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0], "wrong": 1}}, "wrong"),
+        (
+            {"volume": {"estimators": ["paper", "laplace"]}, "curvature": {"enabled": False}},
+            "spec field volume.estimators: laplace needs the landscape's curvature",
+        ),
+        ({"volume": {"metric": "accuracy", "thresholds": [0.5]}}, "needs volume.metric: loss"),
+        ({"volume": {"filter_norm": "li2018"}}, "curvature.enabled: li2018"),
+        ({"curvature": {"enabled": True, "probes": 1}}, "curvature.probes"),
+        ({"volume": {"estimators": ["paper", "paper"]}}, "volume.estimators"),
     ],
 )
 def test_bad_specs_get_a_message_without_traceback(tmp_path, capsys, change, match):
@@ -313,6 +321,20 @@ def test_spec_rules_that_keep_model_ids_unique_and_stores_resumable(tmp_path):
         store.claim(
             load_spec({**TINY, "volume": {**TINY["volume"], "seed": 9}}).model_dump(mode="json")
         )
+    # the estimators only aggregate the stored radii: they may change between runs
+    fewer = {**TINY, "volume": {**TINY["volume"], "estimators": ["typical"]}}
+    store.claim(load_spec(fewer).model_dump(mode="json"))
+
+
+def test_a_store_recorded_before_the_curvature_fields_still_resumes(tmp_path):
+    plain = {k: v for k, v in TINY.items() if k != "curvature"}
+    store = SweepStore(tmp_path, "tiny")
+    store.spec_path.parent.mkdir(parents=True)
+    store.spec_path.write_text(yaml.safe_dump(plain))  # as an older version recorded it
+    canonical = driver._with_defaults
+    store.claim(load_spec(plain).model_dump(mode="json"), canonical=canonical)
+    with pytest.raises(ValueError, match="different spec"):
+        store.claim(load_spec(TINY).model_dump(mode="json"), canonical=canonical)
 
 
 def test_training_cut_short_goes_on_from_its_last_state_in_the_next_run(local_ray, tmp_path):

@@ -6,9 +6,9 @@ is sqrt(2ΔL / uᵀHu), and the Laplace log-volume, in the paper's convention, i
 (n/2)·ln(2ΔL) − ½·Σ ln λᵢ. H is never formed: Hessian-vector products come from
 `torch.func.jvp` over `torch.func.grad` (forward-over-reverse). Lanczos, fully
 reorthogonalised and started from Rademacher probes, gives the top eigenvalues and
-stochastic Lanczos quadrature (SLQ) nodes and weights, kept so that Σ ln max(λ, floor)
-can be taken at any floor later. Each probe's first product also gives Hutchinson's
-trace and diagonal.
+stochastic Lanczos quadrature (SLQ): each probe's tridiagonal is kept, so that
+Σ ln max(λ, floor) can be taken at any floor later, with its convergence. Each probe's
+first product also gives Hutchinson's trace and diagonal.
 """
 
 from __future__ import annotations
@@ -195,8 +195,9 @@ def _hvp(fn: Callable, primal: torch.Tensor, tangent: torch.Tensor, y: torch.Ten
 
 @dataclass(frozen=True, eq=False)
 class Curvature:
-    """What `curvature` found. `slq_nodes` and `slq_weights` are (probes, steps): each
-    probe's Ritz values and the squared first components of their eigenvectors."""
+    """What `curvature` found. `lanczos_alpha` (probes, steps) and `lanczos_beta`
+    (probes, steps - 1) are each probe's Lanczos tridiagonal: its eigenvalues are the
+    SLQ nodes, and the squared first components of its eigenvectors their weights."""
 
     n_params: int
     base_loss: float
@@ -204,16 +205,16 @@ class Curvature:
     trace: float
     trace_stderr: float
     diagonal: np.ndarray | None  # (n,), Hutchinson's; None when read back from a record
-    slq_nodes: np.ndarray
-    slq_weights: np.ndarray
+    lanczos_alpha: np.ndarray
+    lanczos_beta: np.ndarray
 
     @property
     def probes(self) -> int:
-        return self.slq_nodes.shape[0]
+        return self.lanczos_alpha.shape[0]
 
     @property
     def lanczos_steps(self) -> int:
-        return self.slq_nodes.shape[1]
+        return self.lanczos_alpha.shape[1]
 
     @property
     def exact(self) -> bool:
@@ -222,30 +223,55 @@ class Curvature:
         rather than estimates."""
         return self.lanczos_steps == self.n_params
 
-    def _node_weights(self) -> np.ndarray:
-        """Each node's share of the spectrum: its quadrature weight, or 1/n if exact."""
-        return np.full_like(self.slq_nodes, 1 / self.n_params) if self.exact else self.slq_weights
+    def quadrature(self, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(nodes, weights), each (probes, steps): the Gauss rule of the first `steps`
+        Lanczos steps (all by default). Weights are 1/n per node when exact."""
+        steps = steps or self.lanczos_steps
+        tridiagonals = np.zeros((self.probes, steps, steps))
+        rows = np.arange(steps)
+        tridiagonals[:, rows, rows] = self.lanczos_alpha[:, :steps]
+        tridiagonals[:, rows[:-1], rows[1:]] = self.lanczos_beta[:, : steps - 1]
+        tridiagonals[:, rows[1:], rows[:-1]] = self.lanczos_beta[:, : steps - 1]
+        nodes, vectors = np.linalg.eigh(tridiagonals)
+        if steps == self.n_params:
+            return nodes, np.full_like(nodes, 1 / self.n_params)
+        return nodes, vectors[:, 0, :] ** 2
 
-    def log_det_samples(self, floor: float) -> np.ndarray:
+    @property
+    def slq_nodes(self) -> np.ndarray:
+        """Each probe's Ritz values (probes, steps)."""
+        return self.quadrature()[0]
+
+    def log_det_samples(self, floor: float, steps: int | None = None) -> np.ndarray:
         """One SLQ estimate of Σ ln max(λᵢ, floor) per probe: (probes,)."""
         if not floor > 0:
             raise ValueError(f"floor must be > 0, got {floor!r}")
-        logs = np.log(np.maximum(self.slq_nodes, floor))
-        return self.n_params * (self._node_weights() * logs).sum(axis=1)
+        nodes, weights = self.quadrature(steps)
+        return self.n_params * (weights * np.log(np.maximum(nodes, floor))).sum(axis=1)
 
     def log_det(self, floor: float) -> float:
         """The SLQ estimate of Σ ln max(λᵢ, floor): the mean over probes."""
         return float(self.log_det_samples(floor).mean())
+
+    def log_det_error(self, floor: float) -> float:
+        """How far the quadrature may still be from converged: the change in `log_det`
+        from half the Lanczos steps to all of them (0 when exact). The probes' spread
+        misses this bias; when the Gauss rule converges geometrically, at least twice as
+        fast as from half the steps, it bounds it."""
+        if self.exact or self.lanczos_steps < 2:
+            return 0.0
+        half = self.log_det_samples(floor, self.lanczos_steps // 2).mean()
+        return float(abs(self.log_det(floor) - half))
 
     def density(self, grid: np.ndarray, sigma: float) -> np.ndarray:
         """The eigenvalue density on `grid`, SLQ smoothed by Gaussians of width `sigma`;
         it integrates to about 1."""
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
-        grid = np.asarray(grid, dtype=np.float64)
-        gaps = (grid[..., None, None] - self.slq_nodes) / sigma
+        nodes, weights = self.quadrature()
+        gaps = (np.asarray(grid, dtype=np.float64)[..., None, None] - nodes) / sigma
         bumps = np.exp(-0.5 * gaps**2) / (sigma * np.sqrt(2 * np.pi))
-        return (bumps * self._node_weights()).sum(axis=-1).mean(axis=-1)
+        return (bumps * weights).sum(axis=-1).mean(axis=-1)
 
     def to_record(self) -> dict:
         """Plain values for one Parquet row (the diagonal is left out: n values)."""
@@ -257,8 +283,8 @@ class Curvature:
             "trace_stderr": self.trace_stderr,
             "probes": self.probes,
             "lanczos_steps": self.lanczos_steps,
-            "slq_nodes": self.slq_nodes.tolist(),
-            "slq_weights": self.slq_weights.tolist(),
+            "lanczos_alpha": self.lanczos_alpha.tolist(),
+            "lanczos_beta": self.lanczos_beta.tolist(),
         }
 
     @classmethod
@@ -266,6 +292,7 @@ class Curvature:
         """The inverse of `to_record`, from a dict or a pandas row."""
         rows = lambda key: np.array([np.asarray(r, dtype=np.float64) for r in row[key]])  # noqa: E731
         diagonal = row.get("diagonal")
+        alpha = rows("lanczos_alpha")
         return cls(
             n_params=int(row["n_params"]),
             base_loss=float(row["base_loss"]),
@@ -273,8 +300,8 @@ class Curvature:
             trace=float(row["trace"]),
             trace_stderr=float(row["trace_stderr"]),
             diagonal=None if diagonal is None else np.asarray(diagonal, dtype=np.float64),
-            slq_nodes=rows("slq_nodes"),
-            slq_weights=rows("slq_weights"),
+            lanczos_alpha=alpha,
+            lanczos_beta=rows("lanczos_beta").reshape(len(alpha), -1),
         )
 
 
@@ -298,11 +325,10 @@ def curvature(
     a call costs probes·lanczos_steps Hessian-vector products. With lanczos_steps >= n
     one probe finds the whole spectrum, and `log_det` is exact (`Curvature.exact`).
     `top_k` eigenvalues are the largest Ritz values over all probes (each a lower bound
-    of its eigenvalue).
-    Randomness comes from a generator seeded with `seed` only. `batch_size` is the
-    (sample, vector) pairs per pass, as in `HessianOperator`; probes run side by side as
-    many as fit. `device` picks where the work runs (the model is copied there if it
-    lives elsewhere); the caller's model is left as it was.
+    of its eigenvalue). Randomness comes from a generator seeded with `seed` only.
+    `batch_size` is the (sample, vector) pairs per pass, as in `HessianOperator`; probes
+    run side by side as many as fit. `device` picks where the work runs (the model is
+    copied there if it lives elsewhere); the caller's model is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -331,7 +357,7 @@ def curvature(
     tolerance = BREAKDOWN_ULPS * torch.finfo(params.flat.dtype).eps
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, 2, (probes, n), generator=generator).double().mul_(2).sub_(1)
-    nodes, weights = np.zeros((probes, steps)), np.zeros((probes, steps))
+    alpha, beta = np.zeros((probes, steps)), np.zeros((probes, steps - 1))
     quadratics, diagonal = np.zeros(probes), torch.zeros(n, dtype=torch.float64, device=device)
     for group in range(0, probes, side_by_side):
         rademacher = starts[group : group + side_by_side].to(device)  # v, with |v|² = n
@@ -339,12 +365,14 @@ def curvature(
             operator, rademacher / np.sqrt(n), steps, generator, tolerance
         )
         rows = slice(group, group + len(rademacher))
-        nodes[rows], vectors = np.linalg.eigh(tridiagonals)
-        weights[rows] = vectors[:, 0, :] ** 2
+        alpha[rows] = np.diagonal(tridiagonals, axis1=1, axis2=2)
+        beta[rows] = np.diagonal(tridiagonals, offset=1, axis1=1, axis2=2)
         quadratics[rows] = n * tridiagonals[:, 0, 0]  # vᵀHv
         diagonal += np.sqrt(n) * (rademacher * first).sum(dim=0)  # Σ v⊙Hv
+    found = Curvature(n, operator.base_loss, np.zeros(0), 0.0, 0.0, None, alpha, beta)
+    nodes = found.slq_nodes
     top = np.sort(nodes, axis=1)[:, ::-1][:, :top_k].max(axis=0)
-    if steps == n:  # each probe's Ritz values are the whole spectrum: the trace is exact
+    if found.exact:  # each probe's Ritz values are the whole spectrum: the trace is exact
         trace, stderr = nodes.sum(axis=1).mean(), 0.0
     else:
         trace = quadratics.mean()
@@ -356,8 +384,8 @@ def curvature(
         trace=float(trace),
         trace_stderr=float(stderr),
         diagonal=(diagonal / probes).cpu().numpy(),
-        slq_nodes=nodes,
-        slq_weights=weights,
+        lanczos_alpha=alpha,
+        lanczos_beta=beta,
     )
 
 

@@ -96,6 +96,8 @@ class SpectrumLike(Protocol):
 
     def log_det_samples(self, floor: float) -> np.ndarray: ...
 
+    def log_det_error(self, floor: float) -> float: ...
+
 
 NO_ESTIMATE = EstimateResult(math.nan, math.nan, math.nan, math.nan, ci_valid=False)
 
@@ -269,10 +271,13 @@ def laplace_estimate(
     n_params: int,
     delta_loss: float,
     *,
+    log_det_error: float = 0.0,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> EstimateResult:
     """(n/2)*ln(2*dL) - 1/2*log_det from per-probe SLQ estimates of log_det (their mean
-    is the estimate); the interval is Student t over the probes' spread."""
+    is the estimate). The interval is Student t over the probes' spread, widened by half
+    `log_det_error`, the quadrature's systematic error bound (`Curvature.log_det_error`),
+    which no spread over probes shows."""
     _check_n_params(n_params)
     _check_confidence(confidence)
     if not delta_loss > 0:
@@ -286,9 +291,11 @@ def laplace_estimate(
     estimate = float(0.5 * n_params * math.log(2 * delta_loss) - 0.5 * samples.mean())
     if len(samples) < 2:
         return EstimateResult(estimate, math.nan, math.nan, math.nan, ci_valid=False)
+    if not (log_det_error >= 0 and math.isfinite(log_det_error)):
+        raise ValueError(f"log_det_error must be a finite number >= 0, got {log_det_error!r}")
     stderr = float(0.5 * samples.std(ddof=1) / math.sqrt(len(samples)))
     low, high = _t_interval(estimate, stderr, len(samples) - 1, confidence)
-    return EstimateResult(estimate, stderr, low, high)
+    return EstimateResult(estimate, stderr, low - log_det_error / 2, high + log_det_error / 2)
 
 
 def log_volume_by_count(
@@ -365,6 +372,7 @@ def volume_table(
                 )  # fmt: skip
                 result = (
                     laplace_estimate(curvature.log_det_samples(floor), n_params, delta,
+                                     log_det_error=curvature.log_det_error(floor),
                                      confidence=confidence)
                     if delta > 0 else NO_ESTIMATE
                 )  # fmt: skip

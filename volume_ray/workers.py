@@ -119,13 +119,15 @@ class VolumeWorker:
         cap = v.max_coefficient * spectrum.n_params**0.5  # the cap of a typical direction
         floor = laplace_floor(delta, cap) if delta > 0 else float("nan")
         log_det = spectrum.log_det(floor) if delta > 0 else float("nan")
+        log_det_error = spectrum.log_det_error(floor) if delta > 0 else float("nan")
         record = spectrum.to_record()
         first = ["n_params", "base_loss", "top_eigenvalues", "trace", "trace_stderr"]
         return {
             **{k: record.pop(k) for k in first},
             "log_det": log_det,
             "floor": floor,
-            **record,  # probes, lanczos_steps, and the SLQ nodes and weights
+            **record,  # probes, lanczos_steps, and each probe's Lanczos tridiagonal
+            "log_det_error": log_det_error,
             "seconds": time.perf_counter() - began,
         }
 
