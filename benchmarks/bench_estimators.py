@@ -52,8 +52,13 @@ def radius_estimates(frame, n: int) -> list[tuple[str, EstimateResult]]:
 
 
 def laplace_row(found, n: int, cap: float) -> EstimateResult:
+    """As volume_table computes it: the interval has the probes' spread and the
+    quadrature's convergence term."""
     delta = THRESHOLD - found.base_loss
-    return laplace_estimate(found.log_det_samples(laplace_floor(delta, cap)), n, delta)
+    floor = laplace_floor(delta, cap)
+    return laplace_estimate(
+        found.log_det_samples(floor), n, delta, log_det_error=found.log_det_error(floor)
+    )
 
 
 def print_row(label, name, result, truth, cost, seconds) -> None:

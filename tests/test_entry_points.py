@@ -35,8 +35,10 @@ def test_the_readme_main_job_runs_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "log-volume (loss threshold 0.1)" in run.stdout
     volumes = pd.read_parquet(tmp_path / "digits-data-scaling" / "volumes.parquet")
-    assert len(volumes) == 30 * 2  # (model, landscape) pairs x estimators
+    assert len(volumes) == 30 * 3  # (model, landscape) pairs x estimators
+    assert set(volumes.estimator) == {"paper", "typical", "laplace"}
     assert volumes.log_volume.notna().all()
+    assert "typical (every one of 500 directions)" in run.stdout
 
 
 def test_demo_writes_the_tables(tmp_path, capsys):

@@ -55,7 +55,8 @@ def test_embedded_families_run_in_smoke_form(smoke_runs, name):
     models = pd.read_parquet(store.models_path)
     volumes = pd.read_parquet(store.volumes_path)
     assert len(models) == 2  # the two smallest sizes, one seed
-    assert len(volumes) == 3 * len(volumes.threshold.unique()) * 2  # 3 pairs x T x estimators
+    estimators = len(load_spec(store.spec_path).volume.estimators)
+    assert len(volumes) == 3 * len(volumes.threshold.unique()) * estimators  # 3 pairs x T x ...
     assert (volumes.n_directions == 8).all()
 
 
