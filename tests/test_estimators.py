@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from volume_ray import measure_radii
+from volume_ray.basins import quadratic_basin
 from volume_ray.estimators import (
     MIN_ESS,
     VOLUME_COLUMNS,
@@ -224,3 +226,23 @@ def test_bootstrap_interval_with_zero_radii_keeps_a_finite_upper_end():
     assert result.ci_low == -math.inf
     assert result.ci_high == pytest.approx(0.0)  # all three resampled as 1: log 1
     assert result.estimate == pytest.approx(math.log(1 / 3))
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_on_a_basin_of_known_volume_typical_covers_its_target_and_paper_says_it_is_lost(n):
+    basin = quadratic_basin(n, seed=2)
+    frame = measure_radii(
+        basin.model, basin.x, basin.y, basin.loss_fn, num_directions=200,
+        thresholds=(0.1,), max_coefficient=4.0,
+    )  # fmt: skip
+    assert not frame.censored.any()
+    # the typical estimate targets n E[ln r]: computed here from the closed-form radius
+    # along many more directions than were walked
+    u = np.random.default_rng(0).standard_normal((20_000, n))
+    target = n * np.log(basin.radius(u / np.linalg.norm(u, axis=1, keepdims=True), 0.1)).mean()
+    typical = typical_estimate(frame.radius, n)
+    assert typical.ci_low <= target <= typical.ci_high
+    assert typical.estimate < basin.log_volume(0.1)  # Jensen: a lower bound
+    paper = paper_estimate(frame.radius, n)
+    assert paper.ess < MIN_ESS and not paper.ci_valid  # too few directions carry it
+    assert paper.estimate < basin.log_volume(0.1) - 50  # and it is far off
