@@ -118,6 +118,13 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"  pairs     {len(pairs)} (model, landscape)")
     print(f"  measuring {v.directions} directions per pair, seed {v.seed}, {len(v.thresholds)} "
           f"{v.metric} thresholds {v.thresholds}, {v.search} search; {shards} shards")  # fmt: skip
+    c = spec.curvature
+    if c.enabled:
+        print(f"  curvature {len(pairs)} tasks, one per pair: {c.probes} probes x "
+              f"{c.lanczos_steps} Lanczos steps")  # fmt: skip
+    if c.quadratic_radii:
+        print("  quadratic radii: one Hessian-vector product per direction")
+    print(f"  estimators {', '.join(v.estimators)}")
     return 0
 
 
