@@ -282,7 +282,7 @@ def test_losing_a_worker_node_mid_measure_loses_and_duplicates_nothing(cluster, 
     assert measuring.returncode == 0, output[-3000:]
     shards = 3 * 240 // 4  # 3 pairs, 240 directions in shards of 4
     assert shards_before < shards  # the node went while shards were still to do
-    assert re.search(r"re-queued [1-9]\d* shard", output), output[-3000:]  # its shard(s)
+    assert re.search(r"re-queued [1-9]\d* task", output), output[-3000:]  # its shard(s)
 
     nodes = _shard_nodes(store)
     assert len(nodes) == shards and victim in nodes  # every shard, once

@@ -80,7 +80,8 @@ def test_report_writes_figures_whose_axes_carry_data(smoke_runs):
     root = smoke_runs["digits_data_scaling"].root
     out = write_report(root)
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 6 and all(p.stat().st_size > 10_000 for p in pngs)
+    # 6 per threshold (with the quadratic radii: curvature is on) + the spectrum + a slice
+    assert len(pngs) == 8 and all(p.stat().st_size > 10_000 for p in pngs)
     summary = (out / "summary.md").read_text()
     assert "Power law of volume against training-set size" in summary
     models, volumes, radii = (load_table(root, t) for t in ("models", "volumes", "radii"))
@@ -90,6 +91,9 @@ def test_report_writes_figures_whose_axes_carry_data(smoke_runs):
         figures.volume_against_test_accuracy(volumes, models, 0.1, 100),
         figures.estimate_against_directions(radii, models, 0.1, 100),
         figures.radius_distributions(radii, 0.1, 100),
+        figures.estimators_against_train_size(volumes, models, 0.1),
+        figures.quadratic_against_measured_radii(radii, 0.1, 100),
+        figures.spectrum(load_table(root, "curvature"), 100),
     ]
     for figure in drawn:
         for axis in figure.axes:
@@ -113,6 +117,8 @@ def test_queries_through_a_filesystem_uri_filters_and_joins(smoke_runs):
     everything = load_sweeps(root.parent, "models")
     assert set(everything.sweep) == {f"{name.replace('_', '-')}-smoke" for name in EMBEDDED}
     joined = joined_volumes(root, threshold=0.1)
-    assert {"train_size", "test_acc", "seed"} <= set(joined.columns) and len(joined) == 6
+    estimators = {"paper", "typical", "laplace"}  # curvature is on in the digits sweep
+    assert {"train_size", "test_acc", "seed"} <= set(joined.columns) and len(joined) == 3 * 3
+    assert set(joined.estimator) == estimators
     with pytest.raises(ValueError, match="no column 'temperature'"):
         load_table(root, "volumes", temperature=1)
