@@ -18,7 +18,7 @@ from volume_ray.basins import quadratic_basin
 from volume_ray.curvature import Curvature, HessianOperator, curvature
 from volume_ray.directions import FilterNorm, perturbed_parameters
 from volume_ray.estimators import laplace_estimate
-from volume_ray.models import build_model
+from volume_ray.models import build_model, loss_for_task
 from volume_ray.train import TrainConfig, train
 
 
@@ -310,3 +310,15 @@ def test_the_interval_owns_the_bias_of_too_few_lanczos_steps():
     assert abs(result.estimate - truth) > 3 * result.stderr  # the spread alone misses it
     assert found.log_det_error(floor) > 0
     assert result.ci_low <= truth <= result.ci_high
+
+
+def test_attention_models_get_products_through_the_math_kernel():
+    # the fused attention kernels have no forward-mode derivative
+    model = build_model("char_transformer", (16,), 20, layers=1, heads=2, width=16, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20, (8, 16), generator=generator)
+    y = torch.randint(0, 20, (8, 16), generator=generator)
+    operator = HessianOperator(model, x, y, loss_for_task("language"))
+    u, v = torch.randn(2, operator.n, generator=generator, dtype=torch.float64)
+    hu, hv = operator.matvec(torch.stack([u, v]).float()).double()
+    assert torch.isfinite(hu).all() and (hu @ v).item() == pytest.approx((hv @ u).item(), rel=1e-3)

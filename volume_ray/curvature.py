@@ -17,19 +17,21 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import chain
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from volume_ray.checks import check_int, resolve_device
 from volume_ray.directions import FilterNorm, perturbed_parameters
 
 __all__ = ["SAMPLES_PER_PASS", "Curvature", "HessianOperator", "curvature"]
 
-SAMPLES_PER_PASS = 4096  # samples in one forward-over-reverse pass, at most, by default
+SAMPLES_PER_PASS = 4096  # samples in one forward-over-reverse pass, by default
 PASS_FLOATS = 2**24  # activations one pass holds by default (64 MiB in fp32)
 BASIS_FLOATS = 2**27  # float64 Lanczos vectors held at once (1 GiB)
 BREAKDOWN_ULPS = 100  # a Lanczos residual this many ulps of |T| small spans an invariant space
@@ -40,13 +42,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class HessianOperator:
     """Products H_z v = f⊙H_w(f⊙v) of the mean loss on (x, y), at z = 0.
 
-    `scale` is f, (n,) (None: ones, plain weight space). One pass of the model takes
-    `batch_size` (sample, vector) pairs, the memory knob: a chunk of that many samples
-    at most, with as many vectors as fit (`vectors_per_pass`). By default, as many pairs
-    as hold PASS_FLOATS activations (primal, tangent and gradient), in chunks of at most
-    SAMPLES_PER_PASS samples: vectors side by side turn the model's matrix-vector work
-    into matrix products.
-    The mean's product sums the chunks' products, weighted by their share of samples.
+    `scale` is f, (n,) (None: ones, plain weight space). The data goes through the model
+    in chunks of `batch_size` samples (None: at most SAMPLES_PER_PASS), each with as
+    many vectors side by side as hold PASS_FLOATS activations (primal, tangent and
+    gradient; `vectors_per_pass`): side by side, the model's matrix-vector work becomes
+    matrix products. The mean's product sums the chunks' products, weighted by their
+    share of samples. Attention runs through PyTorch's math kernel here: the fused ones
+    have no forward-mode derivative.
     The model computes in eval mode, in its dtype and on its device; its weights are
     never written and each module's training flag is restored after every call. `count`
     is the number of products so far, one per vector.
@@ -80,9 +82,9 @@ class HessianOperator:
         named = chain(model.named_parameters(), model.named_buffers())
         self.fixed = {name: t.detach() for name, t in named if name not in chosen}
         x, y = x.to(flat.device), y.to(flat.device)
-        pairs = batch_size or max(1, PASS_FLOATS // (3 * self._floats_per_sample(x[:1])))
-        size = min(len(x), pairs, batch_size or SAMPLES_PER_PASS)
-        self.vectors_per_pass = max(1, pairs // size)
+        size = min(len(x), batch_size or SAMPLES_PER_PASS)
+        floats = 3 * size * self._floats_per_sample(x[:1])  # one vector's pass
+        self.vectors_per_pass = max(1, PASS_FLOATS // floats)
         self.chunks = [
             (x[i : i + size], y[i : i + size], len(x[i : i + size]) / len(x))
             for i in range(0, len(x), size)
@@ -121,7 +123,8 @@ class HessianOperator:
 
     def _loss(self, z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w = self.params.flat + (z if self.scale is None else self.scale * z)
-        outputs = functional_call(self.model, {**self.fixed, **self.params.tensors(w)}, (x,))
+        with sdpa_kernel(SDPBackend.MATH):
+            outputs = functional_call(self.model, {**self.fixed, **self.params.tensors(w)}, (x,))
         return self.loss_fn(outputs, y)
 
     def _check_loss_and_base(self) -> float:
@@ -225,8 +228,17 @@ class Curvature:
 
     def quadrature(self, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(nodes, weights), each (probes, steps): the Gauss rule of the first `steps`
-        Lanczos steps (all by default). Weights are 1/n per node when exact."""
-        steps = steps or self.lanczos_steps
+        Lanczos steps (all by default, computed once). Weights are 1/n per node when
+        exact."""
+        if steps is None or steps == self.lanczos_steps:
+            return self._full_rule
+        return self._rule(steps)
+
+    @cached_property
+    def _full_rule(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._rule(self.lanczos_steps)
+
+    def _rule(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
         tridiagonals = np.zeros((self.probes, steps, steps))
         rows = np.arange(steps)
         tridiagonals[:, rows, rows] = self.lanczos_alpha[:, :steps]
@@ -326,8 +338,8 @@ def curvature(
     one probe finds the whole spectrum, and `log_det` is exact (`Curvature.exact`).
     `top_k` eigenvalues are the largest Ritz values over all probes (each a lower bound
     of its eigenvalue). Randomness comes from a generator seeded with `seed` only.
-    `batch_size` is the (sample, vector) pairs per pass, as in `HessianOperator`; probes
-    run side by side as many as fit. `device` picks where the work runs (the model is
+    `batch_size` is the samples per pass, as in `HessianOperator`; probes run side by
+    side as many as fit. `device` picks where the work runs (the model is
     copied there if it lives elsewhere); the caller's model is left as it was.
     """
     if not isinstance(model, nn.Module):
@@ -365,6 +377,11 @@ def curvature(
             operator, rademacher / np.sqrt(n), steps, generator, tolerance
         )
         rows = slice(group, group + len(rademacher))
+        if not np.isfinite(tridiagonals).all():
+            raise ValueError(
+                "the Hessian-vector products are not finite: the loss (or the model's "
+                "outputs) overflows near these weights; check the model and loss_fn"
+            )
         alpha[rows] = np.diagonal(tridiagonals, axis1=1, axis2=2)
         beta[rows] = np.diagonal(tridiagonals, offset=1, axis1=1, axis2=2)
         quadratics[rows] = n * tridiagonals[:, 0, 0]  # vᵀHv
