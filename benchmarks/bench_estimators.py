@@ -21,7 +21,6 @@ import math
 import time
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 from volume_ray.basins import quadratic_basin
@@ -29,8 +28,7 @@ from volume_ray.curvature import curvature
 from volume_ray.data import load_source
 from volume_ray.estimators import (
     EstimateResult,
-    laplace_estimate,
-    laplace_floor,
+    laplace_from_curvature,
     paper_estimate,
     typical_estimate,
 )
@@ -51,14 +49,11 @@ def radius_estimates(frame, n: int) -> list[tuple[str, EstimateResult]]:
     ]
 
 
-def laplace_row(found, n: int, cap: float) -> EstimateResult:
+def laplace_row(found, n: int, max_coefficient: float) -> EstimateResult:
     """As volume_table computes it: the interval has the probes' spread and the
     quadrature's convergence term."""
-    delta = THRESHOLD - found.base_loss
-    floor = laplace_floor(delta, cap)
-    return laplace_estimate(
-        found.log_det_samples(floor), n, delta, log_det_error=found.log_det_error(floor)
-    )
+    assert found.n_params == n
+    return laplace_from_curvature(found, THRESHOLD, max_coefficient)[0]
 
 
 def print_row(label, name, result, truth, cost, seconds) -> None:
@@ -115,7 +110,7 @@ def known_basins(sizes: list[int], directions: int, probes: int, steps: int) -> 
                 basin.model, basin.x, basin.y, basin.loss_fn, probes=p, lanczos_steps=s
             )
             seconds = time.perf_counter() - began
-            result = laplace_row(found, n, max_coefficient * math.sqrt(n))
+            result = laplace_row(found, n, max_coefficient)
             print_row(n, name, result, truth, f"{p * min(s, n):,} HVPs", seconds)
         print(f"{'':>8} (basin built in {built:.1f} s; {frame.censored.sum()} censored)")
 
@@ -143,7 +138,7 @@ def digits_network(hidden: list[int], directions: int, probes: int, steps: int) 
     began = time.perf_counter()
     found = curvature(model, x, y, F.cross_entropy, probes=probes, lanczos_steps=steps)
     curvature_seconds = time.perf_counter() - began
-    print_row(n, "laplace", laplace_row(found, n, math.sqrt(n)), None,
+    print_row(n, "laplace", laplace_row(found, n, 1.0), None,
               f"{probes * steps:,} HVPs", curvature_seconds)  # fmt: skip
     began = time.perf_counter()
     quadratic = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,),
@@ -169,7 +164,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small sizes, for CI")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     if args.smoke:
         known_basins([100], directions=50, probes=8, steps=32)
         digits_network([32], directions=40, probes=4, steps=16)

@@ -323,6 +323,7 @@ def test_printed_volumes_show_every_estimator_with_its_carriers(tmp_path, capsys
 
 def test_status_counts_the_curvature_pairs_written(tmp_path, capsys):
     from volume_ray.cli import main
+    from volume_ray.driver import curvature_settings
     from volume_ray.spec import load_spec, plan_trials, smoke_variant
     from volume_ray.store import SweepStore
 
@@ -338,7 +339,9 @@ def test_status_counts_the_curvature_pairs_written(tmp_path, capsys):
         store.write_checkpoint(trial.model_id, tmp_path / "weights.pt")
         store.write_model_row({"model_id": trial.model_id,
                                "checkpoint": f"checkpoints/{trial.model_id}.pt"})  # fmt: skip
-    store.write_curvature_row({"model_id": trial.model_id, "landscape_size": 100, "trace": 1.0})
+    row = {"model_id": trial.model_id, "landscape_size": 100, "trace": 1.0}
+    store.write_curvature_row(row, curvature_settings(spec))
+    store.write_curvature_row(row, "p1-m1-k1-s0")  # another budget's row: not this one's
     assert main(["status", store.location]) == 0
     out = capsys.readouterr().out
     assert "models   2/2 trained" in out and "curvature 1/3 pairs written" in out

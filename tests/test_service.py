@@ -129,7 +129,7 @@ def test_a_lost_curvature_row_alone_is_computed_again(trained, local_ray, tmp_pa
     victim.unlink()
     spec = load_spec(TINY)
     missing, total = driver.pending_curvature(spec, store)
-    assert total == 3 and [store.curvature_name(t.pair.model_id, t.pair.landscape_size)
+    assert total == 3 and [store.curvature_name(t.pair.model_id, t.pair.landscape_size, t.settings)
                            for t in missing] == [victim.name]  # fmt: skip
     stats = measure_stage(spec, store, progress=False)
     assert stats.curvature == 1 and stats.shards == 0
@@ -140,6 +140,18 @@ def test_a_lost_curvature_row_alone_is_computed_again(trained, local_ray, tmp_pa
     pd.testing.assert_frame_equal(
         recomputed, pd.read_parquet(trained.curvature_path).drop(columns="seconds")
     )
+
+
+def test_another_curvature_budget_is_computed_anew_beside_the_radii(trained, tmp_path):
+    store = copy_store(trained, tmp_path, radii=True)
+    more = {**TINY, "curvature": {**TINY["curvature"], "probes": 4}}
+    store.claim(load_spec(more).model_dump(mode="json"), canonical=driver._with_defaults)
+    assert load_spec(store.recorded_spec()).curvature.probes == 4  # spec.yaml: as run now
+    missing, total = driver.pending_curvature(load_spec(more), store)
+    assert len(missing) == total == 3  # the first budget's rows are not taken for it
+    assert not pending_shards(load_spec(more), store)[0]  # the radii still stand
+    off = {**TINY, "curvature": {"quadratic_radii": True}}  # laplace dropped, radii kept
+    store.claim(load_spec(off).model_dump(mode="json"), canonical=driver._with_defaults)
 
 
 def test_a_worker_killed_mid_shard_changes_nothing(trained, local_ray, tmp_path):

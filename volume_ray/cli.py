@@ -223,12 +223,13 @@ def _side_by_side(volumes):
 
     rows = []
     for threshold, group in volumes.groupby("threshold"):
+        first = group.iloc[0]  # radius facts are the same in every estimator's row
         row = {"threshold": threshold}
         for e in group.itertuples():
             interval = f"[{e.ci_low:,.1f}, {e.ci_high:,.1f}]" if e.ci_valid else "—"
             row |= {e.estimator: e.log_volume, f"{e.estimator} CI": interval,
                     f"{e.estimator} ess": e.ess}  # fmt: skip
-        rows.append({**row, "censored": e.n_censored, "mean_radius": e.mean_radius})
+        rows.append({**row, "censored": first.n_censored, "mean_radius": first.mean_radius})
     return pd.DataFrame(rows)
 
 

@@ -21,6 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
+from volume_ray.curvature import Curvature
 from volume_ray.data.subsets import landscapes_use_extras
 from volume_ray.estimators import VOLUME_COLUMNS, volume_table
 from volume_ray.experiment import gpus_each, with_absolute_root
@@ -34,6 +35,7 @@ __all__ = [
     "Shard",
     "aggregate_stage",
     "check_store_from_every_node",
+    "curvature_settings",
     "measure_stage",
     "pending_curvature",
     "pending_shards",
@@ -79,11 +81,12 @@ class Shard:
 
 @dataclass(frozen=True)
 class CurvatureTask:
-    """The Hessian spectrum of one (model, landscape) pair."""
+    """The Hessian spectrum of one (model, landscape) pair, at a budget (`settings`)."""
 
     pair: Pair
     seed: int
     checkpoint: str
+    settings: str
 
     def submit(self, actor) -> ray.ObjectRef:
         p = self.pair
@@ -92,9 +95,14 @@ class CurvatureTask:
         )
 
     def write(self, store: SweepStore, result: dict) -> None:
-        store.write_curvature_row(
-            {"model_id": self.pair.model_id, "landscape_size": self.pair.landscape_size, **result}
-        )
+        keys = {"model_id": self.pair.model_id, "landscape_size": self.pair.landscape_size}
+        store.write_curvature_row({**keys, **result}, self.settings)
+
+
+def curvature_settings(spec: SweepSpec) -> str:
+    """The curvature budget in a file name: rows of another budget are other rows."""
+    c = spec.curvature
+    return f"p{c.probes}-m{c.lanczos_steps}-k{c.top_k}-s{c.seed}"
 
 
 def _trained_pairs(spec: SweepSpec, store: SweepStore) -> list[tuple[Pair, int, str]]:
@@ -136,12 +144,12 @@ def pending_curvature(spec: SweepSpec, store: SweepStore) -> tuple[list[Curvatur
     none when the spec's curvature stage is off."""
     if not spec.curvature.enabled:
         return [], 0
-    written = store.written_curvature()
+    written, settings = store.written_curvature(), curvature_settings(spec)
     pairs = _trained_pairs(spec, store)
     tasks = [
-        CurvatureTask(pair, seed, checkpoint)
+        CurvatureTask(pair, seed, checkpoint, settings)
         for pair, seed, checkpoint in pairs
-        if store.curvature_name(pair.model_id, pair.landscape_size) not in written
+        if store.curvature_name(pair.model_id, pair.landscape_size, settings) not in written
     ]
     return tasks, len(pairs)
 
@@ -173,8 +181,8 @@ class MeasureStats:
 
 
 def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> MeasureStats:
-    """Run every shard and curvature task not yet on disk, on one pool of actors: a
-    pair's curvature goes first, so the actor that loads the pair keeps it."""
+    """Run every shard and curvature task not yet on disk, on one pool of actors; an
+    actor takes the next task of the pair it holds (a pair's curvature task first)."""
     shards, _ = pending_shards(spec, store)
     curvature, _ = pending_curvature(spec, store)
     if not shards and not curvature:
@@ -192,11 +200,10 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
                     name=f"volume_worker:{spec.name}:{i}", num_cpus=cpus, num_gpus=gpus
                 ).remote(spec_dict, store.location)
             )
-        stats = _dispatch(store, [*curvature, *shards], actors, began, progress)
-        return MeasureStats(
-            len(shards), stats.startup_seconds, stats.measure_seconds, stats.requeued,
-            len(curvature),
-        )  # fmt: skip
+        startup, measuring, requeued = _dispatch(
+            store, [*curvature, *shards], actors, began, progress
+        )
+        return MeasureStats(len(shards), startup, measuring, requeued, len(curvature))
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -205,8 +212,9 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
 def _dispatch(
     store: SweepStore, tasks: list[Shard | CurvatureTask], actors: list, began: float,
     progress: bool,
-) -> MeasureStats:  # fmt: skip
-    """Keep every live actor busy until every task is written.
+) -> tuple[float, float, int]:  # fmt: skip
+    """Keep every live actor busy until every task is written; return the seconds until
+    work started, the seconds of work, and how many tasks were re-queued.
 
     Work starts once every actor has answered its first ping, or START_GRACE_S after the
     first one did: an autoscaler may bring the others' nodes minutes later, or never,
@@ -283,7 +291,7 @@ def _dispatch(
         bar.close()
     if requeued:
         log.warning("re-queued %d task(s) of lost measuring actors; all done", requeued)
-    return MeasureStats(len(tasks), ready - began, time.perf_counter() - ready, requeued)
+    return ready - began, time.perf_counter() - ready, requeued
 
 
 def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
@@ -292,7 +300,7 @@ def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
     always agree."""
     models = store.write_models()
     radii = store.read_radii()
-    spectra = _spectra(store.write_curvature())
+    spectra = _spectra(store.write_curvature(curvature_settings(spec)))
     if radii.empty:
         volumes = pd.DataFrame(columns=VOLUME_TABLE_COLUMNS)
     else:
@@ -302,6 +310,8 @@ def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
         for (model_id, size), group in radii.groupby(["model_id", "landscape_size"], sort=True):
             spectrum = spectra.get((model_id, size))
             estimators = [e for e in v.estimators if e != "laplace" or spectrum is not None]
+            if len(estimators) < len(v.estimators):
+                log.warning("no curvature for %s in landscape %d: no laplace row", model_id, size)
             table = volume_table(
                 group, int(n_params[model_id]), estimators=estimators, curvature=spectrum,
                 max_coefficient=v.max_coefficient, seed=v.seed,
@@ -316,8 +326,6 @@ def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
 
 def _spectra(curvature: pd.DataFrame) -> dict:
     """Each pair's spectrum, keyed by (model_id, landscape_size)."""
-    from volume_ray.curvature import Curvature  # torch: only when there is one
-
     return {
         (row["model_id"], row["landscape_size"]): Curvature.from_record(row)
         for row in curvature.to_dict("records")

@@ -38,6 +38,7 @@ __all__ = [
     "bootstrap_log_volume",
     "laplace_estimate",
     "laplace_floor",
+    "laplace_from_curvature",
     "log_volume",
     "log_volume_by_count",
     "paper_estimate",
@@ -93,6 +94,7 @@ class SpectrumLike(Protocol):
     """What `laplace` needs of a `volume_ray.curvature.Curvature`."""
 
     base_loss: float
+    n_params: int
 
     def log_det_samples(self, floor: float) -> np.ndarray: ...
 
@@ -172,8 +174,7 @@ def log_volume(
     if len(values) == 0:
         raise ValueError("no radii to estimate from: every direction was censored or NaN")
     if estimator == "typical":
-        with np.errstate(divide="ignore"):
-            return float(n_params * np.log(values).mean())
+        return typical_estimate(values, n_params).estimate
     return float(_log_mean_power(values, n_params))
 
 
@@ -288,14 +289,37 @@ def laplace_estimate(
     samples = np.asarray(log_det_samples, dtype=np.float64).reshape(-1)
     if len(samples) == 0 or not np.isfinite(samples).all():
         raise ValueError("log_det_samples must be a non-empty sequence of finite numbers")
+    if not (log_det_error >= 0 and math.isfinite(log_det_error)):
+        raise ValueError(f"log_det_error must be a finite number >= 0, got {log_det_error!r}")
     estimate = float(0.5 * n_params * math.log(2 * delta_loss) - 0.5 * samples.mean())
     if len(samples) < 2:
         return EstimateResult(estimate, math.nan, math.nan, math.nan, ci_valid=False)
-    if not (log_det_error >= 0 and math.isfinite(log_det_error)):
-        raise ValueError(f"log_det_error must be a finite number >= 0, got {log_det_error!r}")
     stderr = float(0.5 * samples.std(ddof=1) / math.sqrt(len(samples)))
     low, high = _t_interval(estimate, stderr, len(samples) - 1, confidence)
     return EstimateResult(estimate, stderr, low - log_det_error / 2, high + log_det_error / 2)
+
+
+def laplace_from_curvature(
+    curvature: SpectrumLike,
+    threshold: float,
+    max_coefficient: float,
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> tuple[EstimateResult, float]:
+    """(laplace estimate, floor) at loss threshold T from a landscape's spectrum. The
+    floor is 2*dL/R^2 with R = max_coefficient * sqrt(n), the cap of a typical direction
+    (|g| ~ sqrt(n)); the interval owns the quadrature's error. T at or below the loss at
+    the minimum gives no estimate (NaN, floor NaN)."""
+    delta = threshold - curvature.base_loss
+    if not delta > 0:
+        return NO_ESTIMATE, math.nan
+    n = curvature.n_params
+    floor = laplace_floor(delta, max_coefficient * math.sqrt(n))
+    result = laplace_estimate(
+        curvature.log_det_samples(floor), n, delta,
+        log_det_error=curvature.log_det_error(floor), confidence=confidence,
+    )  # fmt: skip
+    return result, floor
 
 
 def log_volume_by_count(
@@ -339,8 +363,8 @@ def volume_table(
 ) -> pd.DataFrame:
     """One row per (metric, threshold, estimator) of a `measure_radii` table.
 
-    `laplace` needs the landscape's `curvature` and a loss metric; its radius cap R is
-    `max_coefficient` * sqrt(n), the cap of a typical direction (|g| ~ sqrt(n)).
+    `laplace` needs the landscape's `curvature` and a loss metric (see
+    `laplace_from_curvature`).
     """
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown or not estimators:
@@ -365,17 +389,9 @@ def volume_table(
             if estimator == "laplace":
                 if metric != "loss":
                     raise ValueError("the laplace estimator needs metric 'loss'")
-                delta = threshold - curvature.base_loss
-                floor = (
-                    laplace_floor(delta, max_coefficient * math.sqrt(n_params))
-                    if delta > 0 else math.nan
-                )  # fmt: skip
-                result = (
-                    laplace_estimate(curvature.log_det_samples(floor), n_params, delta,
-                                     log_det_error=curvature.log_det_error(floor),
-                                     confidence=confidence)
-                    if delta > 0 else NO_ESTIMATE
-                )  # fmt: skip
+                result, floor = laplace_from_curvature(
+                    curvature, threshold, max_coefficient, confidence=confidence
+                )
             else:
                 values = crossed if estimator == "paper" else with_caps
                 if len(_radii(values)) == 0:

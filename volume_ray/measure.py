@@ -249,7 +249,8 @@ class RadiusMeter:
             walked = self._lanes.map(lambda k, part: self._walk(self._landscapes[k], part), parts)
             rows = [record for lane in walked for record in lane]  # direction, then threshold
             if self._hessian is not None:
-                for record, value in zip(rows, self._quadratic_radii(block).reshape(-1)):
+                quadratic = self._quadratic_radii(block).reshape(-1)
+                for record, value in zip(rows, quadratic, strict=True):
                     record["radius_quadratic"] = value
             records.extend(rows)
         return pd.DataFrame.from_records(records)

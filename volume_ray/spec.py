@@ -217,13 +217,15 @@ class SweepSpec(_Strict):
 
 
 SMOKE_EPOCHS, SMOKE_DIRECTIONS = 200, 8
+SMOKE_PROBES, SMOKE_LANCZOS_STEPS = 4, 16
 
 
 def smoke_variant(spec: SweepSpec) -> SweepSpec:
     """The documented small form of any sweep (CLI `--smoke`): the two smallest extra
     sizes, the first batch size, optimizer, SAM rho and seed, at most 200 epochs and 8
-    directions, under the name `<name>-smoke`."""
-    d, t, v = spec.dataset, spec.train, spec.volume
+    directions, and at most 4 curvature probes of 16 Lanczos steps, under the name
+    `<name>-smoke`."""
+    d, t, v, c = spec.dataset, spec.train, spec.volume, spec.curvature
     epochs = min(t.epochs, SMOKE_EPOCHS)
     small = spec.model_copy(
         update={
@@ -242,6 +244,12 @@ def smoke_variant(spec: SweepSpec) -> SweepSpec:
             "volume": v.model_copy(
                 update={"directions": min(v.directions, SMOKE_DIRECTIONS), "shard_size": 4}
             ),
+            "curvature": c.model_copy(
+                update={
+                    "probes": min(c.probes, SMOKE_PROBES),
+                    "lanczos_steps": min(c.lanczos_steps, SMOKE_LANCZOS_STEPS),
+                }
+            ),  # fmt: skip
         }
     )
     return SweepSpec.model_validate(small.model_dump(mode="json"))  # every rule still holds

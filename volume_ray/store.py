@@ -105,8 +105,9 @@ class SweepStore:
                     f"{self.location} already holds sweep '{spec_dict['name']}' run with a "
                     "different spec; rename the sweep or pick another --storage to keep both"
                 )
-            return
-        text = yaml.safe_dump(spec_dict, sort_keys=False).encode()
+            if recorded == spec_dict:
+                return
+        text = yaml.safe_dump(spec_dict, sort_keys=False).encode()  # as it is run now
         write_atomic(self.spec_path, lambda sink: sink.write(text))
 
     def recorded_spec(self) -> dict:
@@ -182,21 +183,23 @@ class SweepStore:
     # -- curvature ----------------------------------------------------------------------
 
     @staticmethod
-    def curvature_name(model_id: str, landscape_size: int) -> str:
-        return f"{model_id}__L{landscape_size}.parquet"
+    def curvature_name(model_id: str, landscape_size: int, settings: str) -> str:
+        """A pair's spectrum file; `settings` names the budget that computed it, so that
+        rows of another budget are never mixed in."""
+        return f"{model_id}__L{landscape_size}__{settings}.parquet"
 
-    def write_curvature_row(self, row: dict) -> None:
+    def write_curvature_row(self, row: dict, settings: str) -> None:
         """One (model, landscape) pair's spectrum, atomically: a rerun skips it."""
-        name = self.curvature_name(row["model_id"], row["landscape_size"])
+        name = self.curvature_name(row["model_id"], row["landscape_size"], settings)
         write_table(pd.DataFrame([row]), join(self.curvature_rows, name))
 
     def written_curvature(self) -> set[str]:
         """File names in `curvature/`, from one listing."""
         return names_in(self.curvature_rows, ".parquet")
 
-    def write_curvature(self) -> pd.DataFrame:
-        """curvature.parquet from the per-pair rows (none: no file)."""
-        filesystem, files = list_files(self.curvature_rows, ".parquet")
+    def write_curvature(self, settings: str) -> pd.DataFrame:
+        """curvature.parquet from the per-pair rows of these `settings` (none: no file)."""
+        filesystem, files = list_files(self.curvature_rows, f"__{settings}.parquet")
         if not files:
             return pd.DataFrame()
         table = pq.ParquetDataset(files, filesystem=filesystem).read().to_pandas()
@@ -206,11 +209,13 @@ class SweepStore:
 
 
 def _results_part(spec_dict: dict) -> dict:
-    """What decides the stored results: everything but where they are computed and
-    which estimators aggregate them (volumes.parquet is rewritten whole each time)."""
+    """What decides the stored radii and models: everything but where they are computed,
+    which estimators aggregate them (volumes.parquet is rewritten whole each time) and
+    the curvature budget (its rows are kept per budget), save the quadratic radii."""
     part = {k: v for k, v in spec_dict.items() if k != "resources"}
     volume = {k: v for k, v in part.get("volume", {}).items() if k != "estimators"}
-    return {**part, "volume": volume}
+    quadratic = (part.get("curvature") or {}).get("quadratic_radii", False)
+    return {**part, "volume": volume, "curvature": {"quadratic_radii": quadratic}}
 
 
 def _read_or_none(filesystem: fs.FileSystem, path: str) -> pd.DataFrame | None:

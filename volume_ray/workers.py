@@ -4,6 +4,7 @@ to the core."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -12,7 +13,7 @@ import ray
 from ray.util import metrics
 
 from volume_ray.curvature import curvature
-from volume_ray.estimators import laplace_floor
+from volume_ray.estimators import laplace_from_curvature
 from volume_ray.experiment import assigned_device, configure_process, experiment_data, new_model
 from volume_ray.locations import exists
 from volume_ray.measure import RadiusMeter
@@ -52,7 +53,7 @@ class VolumeWorker:
             "volume_ray_latest_radius", "median radius of the latest shard", tag_keys=tags
         )
 
-    def _pair(self, model_id: str, checkpoint: str, seed: int, landscape_extra: int):
+    def _pair(self, checkpoint: str, seed: int, landscape_extra: int):
         """The trained model and the landscape set of a pair."""
         model = new_model(self.spec, self.data, seed)
         model.load_state_dict(self.store.read_state_dict(checkpoint))
@@ -63,7 +64,7 @@ class VolumeWorker:
         if self.loaded == (model_id, landscape_extra):
             return
         self.meter = None  # free the previous pair's device memory first
-        model, x, y = self._pair(model_id, checkpoint, seed, landscape_extra)
+        model, x, y = self._pair(checkpoint, seed, landscape_extra)
         v = self.spec.volume
         self.meter = RadiusMeter(
             model, x, y, self.loss_fn, seed=v.seed, metric=v.metric,
@@ -108,18 +109,19 @@ class VolumeWorker:
         keys), with log_det at the first threshold's floor."""
         configure_process()
         began = time.perf_counter()
-        model, x, y = self._pair(model_id, checkpoint, seed, landscape_extra)
+        if self.loaded != (model_id, landscape_extra):  # free another pair's device memory
+            self.meter, self.loaded = None, None
+        model, x, y = self._pair(checkpoint, seed, landscape_extra)
         c, v = self.spec.curvature, self.spec.volume
         spectrum = curvature(
             model, x, y, self.loss_fn, filter_norm=v.filter_norm, top_k=c.top_k,
             probes=c.probes, lanczos_steps=c.lanczos_steps, seed=c.seed,
             batch_size=v.batch_size, device=self.device,
         )  # fmt: skip
-        delta = v.thresholds[0] - spectrum.base_loss
-        cap = v.max_coefficient * spectrum.n_params**0.5  # the cap of a typical direction
-        floor = laplace_floor(delta, cap) if delta > 0 else float("nan")
-        log_det = spectrum.log_det(floor) if delta > 0 else float("nan")
-        log_det_error = spectrum.log_det_error(floor) if delta > 0 else float("nan")
+        _, floor = laplace_from_curvature(spectrum, v.thresholds[0], v.max_coefficient)
+        known = floor == floor  # not NaN: the first threshold lies above the base loss
+        log_det = spectrum.log_det(floor) if known else math.nan
+        log_det_error = spectrum.log_det_error(floor) if known else math.nan
         record = spectrum.to_record()
         first = ["n_params", "base_loss", "top_eigenvalues", "trace", "trace_stderr"]
         return {
