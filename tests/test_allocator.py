@@ -2,10 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from volume_ray.allocator import keep_freed_memory
+from volume_ray.allocator import SWITCH, keep_freed_memory
 
 # 48 MiB temporaries: above the 32 MiB that glibc's adaptive mmap threshold can reach,
 # so by default every one is mmapped and its pages faulted in anew, whatever came before.
@@ -43,3 +44,23 @@ def test_kept_memory_stops_passes_from_faulting_their_pages_in_again():
 
 def test_keep_freed_memory_says_whether_it_applied():
     assert keep_freed_memory() is sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
+def test_commands_that_neither_train_nor_measure_leave_malloc_alone():
+    spec = Path(__file__).resolve().parents[1] / "sweeps" / "digits_data_scaling.yaml"
+    validated = minor_faults(
+        "import contextlib, io\nfrom volume_ray.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert main(['validate', r'{spec}']) == 0"
+    )
+    assert validated >= ROUNDS * 2 * PAGES  # glibc's default: every temporary faulted in
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
+def test_the_environment_switch_turns_it_off():
+    switched = minor_faults(
+        f"import os\nos.environ['{SWITCH}'] = '0'\n"
+        "from volume_ray.allocator import keep_freed_memory\nassert not keep_freed_memory()"
+    )
+    assert switched >= ROUNDS * 2 * PAGES

@@ -21,8 +21,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from volume_ray.allocator import keep_freed_memory
-
 __all__ = ["main"]
 
 DEFAULT_STORAGE = "results"
@@ -177,6 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
+    from volume_ray.allocator import keep_freed_memory
     from volume_ray.data import load_source
     from volume_ray.directions import perturbed_parameters
     from volume_ray.estimators import volume_table
@@ -186,6 +185,7 @@ def _demo(args: argparse.Namespace) -> int:
     from volume_ray.train import TrainConfig, train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    keep_freed_memory()  # this process trains and measures (see volume_ray.allocator)
     source = load_source("digits", seed=args.seed)
     x, y = source.x_train, source.y_train
     model = build_model("mlp", source.input_shape, 10, hidden=args.hidden, seed=args.seed)
@@ -325,7 +325,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # frequent experiment snapshots adds nothing for a user.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     args = _parser().parse_args(argv)
-    keep_freed_memory()
     try:
         return args.run(args)
     except ValueError as error:  # bad input: the message names the field and the fix
