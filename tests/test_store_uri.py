@@ -23,7 +23,7 @@ from pyarrow import fs
 
 from volume_ray.cli import main
 from volume_ray.driver import run_sweep
-from volume_ray.locations import exists, join, read_bytes, split, write_atomic
+from volume_ray.locations import exists, join, locate, read_bytes, split, write_atomic
 from volume_ray.results import load_table
 from volume_ray.spec import load_spec
 from volume_ray.store import SweepStore, write_table
@@ -104,6 +104,12 @@ def test_the_store_round_trips_through_s3(plain_uri, s3_endpoint, tmp_path):
     store.write_model_row(row)
     store.write_model_row({**row, "model_id": "m2"})  # a row whose checkpoint is missing
     assert store.finished_models().model_id.tolist() == ["m1"]
+    damaged = join(store.model_rows, "m3.parquet")
+    write_atomic(damaged, lambda sink: sink.write(b"not parquet"))
+    with pytest.raises(RuntimeError, match="m3.parquet cannot be read.*delete it"):
+        store.finished_models()  # never quietly dropped, which would train it again
+    filesystem, where = locate(damaged)
+    filesystem.delete_file(where)
     loaded = store.read_state_dict("checkpoints/m1.pt")
     assert torch.equal(loaded["layers.0.weight"], state["layers.0.weight"])
     store.write_models()

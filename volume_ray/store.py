@@ -141,8 +141,8 @@ class SweepStore:
         filesystem, rows = list_files(self.model_rows, ".parquet")
         frames = []
         for path in rows:
-            frame = _read_or_none(filesystem, path)
-            if frame is not None and f"{frame.model_id.iloc[0]}.pt" in saved_names:
+            frame = _read_model_row(filesystem, path)
+            if f"{frame.model_id.iloc[0]}.pt" in saved_names:
                 frames.append(frame)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -218,8 +218,19 @@ def _results_part(spec_dict: dict) -> dict:
     return {**part, "volume": volume, "curvature": {"quadratic_radii": quadratic}}
 
 
-def _read_or_none(filesystem: fs.FileSystem, path: str) -> pd.DataFrame | None:
+def _read_model_row(filesystem: fs.FileSystem, path: str) -> pd.DataFrame:
+    """One trained model's row. Rows are written whole, so one that cannot be read was
+    damaged from outside: say so rather than quietly train that model again."""
     try:
-        return pq.read_table(path, filesystem=filesystem).to_pandas()
-    except (OSError, pa.ArrowInvalid):
-        return None
+        frame = pq.read_table(path, filesystem=filesystem).to_pandas()
+    except (OSError, pa.ArrowInvalid) as error:
+        raise RuntimeError(
+            f"the model row {path} cannot be read ({error}); delete it and its checkpoint "
+            "to train that model again, or restore both from a copy"
+        ) from None
+    if len(frame) != 1 or "model_id" not in frame:
+        raise RuntimeError(
+            f"the model row {path} holds no single model row; delete it and its checkpoint "
+            "to train that model again"
+        )
+    return frame
