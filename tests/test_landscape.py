@@ -113,7 +113,8 @@ def test_a_loss_with_negative_terms_is_always_scored_in_full(model, digits, walk
     def shifted(out, target):  # cross-entropy - 1: negative for confident samples
         return F.cross_entropy(out, target) - 1.0
 
-    landscape = Landscape(model, params, *digits, shifted, batch_size=50)
+    with pytest.warns(RuntimeWarning, match="negative per-sample terms"):
+        landscape = Landscape(model, params, *digits, shifted, batch_size=50)
     assert not landscape.losses_nonnegative
     scores = landscape.score(
         landscape.walks(directions), [3], [coefficients[3]], np.array([-1e9]), np.array([-INF])

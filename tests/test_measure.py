@@ -486,3 +486,27 @@ def test_quadratic_radii_are_a_column_only_when_asked_and_leave_radii_alone(mode
     with pytest.raises(ValueError, match="quadratic_radii"):
         measure_radii(model, x, y, F.cross_entropy, num_directions=2, metric="accuracy",
                       thresholds=(0.5,), quadratic_radii=True)  # fmt: skip
+
+
+def stubborn_cross_entropy(outputs, targets):
+    """Cross-entropy behind a `.item()`: torch.func.vmap refuses it."""
+    if outputs.sum().item() > -math.inf:
+        return F.cross_entropy(outputs, targets)
+    return outputs.sum()
+
+
+def test_a_loss_that_cannot_be_split_per_sample_says_so_and_keeps_the_radii(model, digits):
+    x, y = digits
+    kwargs = dict(num_directions=4, thresholds=(0.1, 0.5))
+    with pytest.warns(RuntimeWarning, match="cannot be split per sample.*no early exit"):
+        slow = measure_radii(model, x, y, stubborn_cross_entropy, **kwargs)
+    fast = measure_radii(model, x, y, F.cross_entropy, **kwargs)
+    np.testing.assert_allclose(slow.radius, fast.radius, rtol=2e-4)  # both within rtol
+    assert (slow.data_passes >= fast.data_passes).all()  # every point on the whole set
+
+
+def test_a_loss_with_negative_terms_says_early_exit_is_off(model, digits):
+    x, y = digits
+    with pytest.warns(RuntimeWarning, match="negative per-sample terms"):
+        measure_radii(model, x, y, lambda o, t: F.cross_entropy(o, t) - 1.0,
+                      num_directions=2, thresholds=(0.1,))  # fmt: skip

@@ -140,6 +140,13 @@ class Landscape:
         # Early exit needs per-sample terms >= 0; a loss that cannot be checked, or has
         # negative terms (a Gaussian NLL, say), is always scored in full.
         self.losses_nonnegative = per_sample is not None and bool((per_sample >= 0).all())
+        if per_sample is not None and not self.losses_nonnegative and metric == "loss":
+            warnings.warn(
+                "loss_fn has negative per-sample terms at the trained weights, so a partial "
+                "sum bounds nothing: every point is scored on the whole set (no early exit)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if per_sample is not None:  # hardest first: a point far past a level shows it soon
             order = per_sample.argsort(descending=True, stable=True)
             self.x, self.y = x[order], y[order]
@@ -249,15 +256,17 @@ class Landscape:
             return self._forward(flat, x)
 
     def _vmap_works(self) -> bool:
-        """Can this model be batched over weight sets? Some cannot (data-dependent
-        control flow, `.item()` in forward): those are scored one point at a time."""
+        """Can this model and its loss be batched over weight sets? Some cannot
+        (data-dependent control flow, `.item()`): those are scored one point at a time."""
         try:
             with torch.no_grad():
                 stacked = self.params.flat.expand(2, -1)
-                vmap(self._forward, in_dims=(0, None))(stacked, self.x[:2])
+                outputs = vmap(self._forward, in_dims=(0, None))(stacked, self.x[:2])
+                if self.metric == "loss":  # `_sums` batches the loss too
+                    vmap(self.loss_fn, in_dims=(0, None))(outputs, self.y[:2])
         except RuntimeError as error:
             warnings.warn(
-                f"this model cannot be batched with torch.func.vmap ({error}); scoring one "
+                f"this model or loss cannot be batched with torch.func.vmap ({error}); scoring one "
                 "weight set per forward pass instead",
                 RuntimeWarning,
                 stacklevel=4,
@@ -291,7 +300,14 @@ class Landscape:
                 for start, stop in self._full_chunks:
                     out = self._forward(flat, self.x[start:stop])
                     per_sample.append(vmap(one)(out, self.y[start:stop]))
-        except RuntimeError:
+        except RuntimeError as error:
+            warnings.warn(
+                f"loss_fn cannot be split per sample with torch.func.vmap ({error}); every "
+                "point is scored on the whole set in the given order: no early exit, no "
+                "hardest-first order (slower, same radii)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
             return None
         return torch.cat(per_sample)
 
