@@ -14,6 +14,7 @@ import logging
 import re
 import socket
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 import pytest
@@ -242,3 +243,14 @@ def test_a_worker_that_cannot_see_the_store_says_where_and_how_to_fix(sweeps):
     assert f"node {node} ({socket.gethostname()}) cannot read the sweep store" in message
     assert elsewhere in message and "every node mounts" in message
     assert "s3://bucket/prefix" in message
+
+
+def test_uris_with_spaces_and_percent_signs(tmp_path):
+    folder = tmp_path / "my results 100%"
+    uri = "file://" + quote(str(folder))  # percent-encoded, as a URI must be
+    store = SweepStore(uri, "tiny")
+    store.claim(load_spec(SPEC).model_dump(mode="json"))
+    assert (folder / "tiny" / "spec.yaml").is_file()  # decoded on the way to the disk
+    assert split(store.location) == (uri, "tiny") and exists(store.spec_path)
+    with pytest.raises(ValueError, match="percent-encode"):
+        exists(f"file://{folder}/tiny")  # a raw space is no URI

@@ -18,8 +18,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import pyarrow as pa
 from pyarrow import fs
 
 __all__ = [
@@ -45,19 +46,26 @@ def is_uri(location: Location) -> bool:
 
 
 def locate(location: Location) -> tuple[fs.FileSystem, str]:
-    """The filesystem holding `location` and the path on it."""
+    """The filesystem holding `location` and the path on it (a URI's path decoded)."""
     if is_uri(location):
-        return fs.FileSystem.from_uri(str(location))
+        try:
+            return fs.FileSystem.from_uri(str(location))
+        except pa.ArrowInvalid as error:
+            raise ValueError(
+                f"{location} is not a valid URI ({error}); percent-encode its path: a space "
+                "is %20 and a % is %25"
+            ) from None
     return fs.LocalFileSystem(), os.path.abspath(location)
 
 
 def join(location: Location, *parts: str) -> Path | str:
     """`location/part/...`: a `Path` for a local path; for a URI the parts go into its
-    path, before any `?query`, so the filesystem options travel along."""
+    path, percent-encoded, before any `?query`, so the filesystem options travel along."""
     if not is_uri(location):
         return Path(location, *parts)
     scheme, netloc, path, query, fragment = urlsplit(str(location))
-    return urlunsplit((scheme, netloc, "/".join([path.rstrip("/"), *parts]), query, fragment))
+    path = "/".join([path.rstrip("/"), *(quote(part, safe="") for part in parts)])
+    return urlunsplit((scheme, netloc, path, query, fragment))
 
 
 def split(location: Location) -> tuple[Path | str, str]:
@@ -67,7 +75,7 @@ def split(location: Location) -> tuple[Path | str, str]:
         return path.parent, path.name
     scheme, netloc, path, query, fragment = urlsplit(str(location))
     parent, name = posixpath.split(path.rstrip("/"))
-    return urlunsplit((scheme, netloc, parent, query, fragment)), name
+    return urlunsplit((scheme, netloc, parent, query, fragment)), unquote(name)
 
 
 def exists(location: Location) -> bool:
