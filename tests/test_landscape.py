@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from volume_ray.directions import perturbed_parameters, raw_directions
-from volume_ray.landscape import Landscape, sample_accuracy
+from volume_ray.landscape import Landscape
 from volume_ray.lanes import Lanes
+from volume_ray.models import sample_accuracy
 
 INF = np.inf
 

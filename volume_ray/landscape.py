@@ -29,8 +29,9 @@ from torch.func import functional_call, vmap
 from volume_ray.cpu_kernels import faster_loss, linears_through_onednn, onednn_linears
 from volume_ray.directions import PerturbedParameters
 from volume_ray.input_layer import find_input_layer
+from volume_ray.models import sample_accuracy
 
-__all__ = ["METRICS", "Landscape", "Scores", "Walks", "sample_accuracy"]
+__all__ = ["METRICS", "Landscape", "Scores", "Walks"]
 
 METRICS = ("loss", "accuracy")
 FIRST_CHUNK_FRACTION = 1 / 8  # without batch_size: the hardest eighth is scored first,
@@ -39,23 +40,6 @@ INPUT_LAYER_FLOATS = 2**22  # the input layer's output is kept if it holds at mo
 OUTPUT_FLOATS = 2**20  # outputs on the whole set are kept for the surrogate up to this size
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sample_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Accuracy of each sample, float (..., B), any leading dims of `outputs` broadcast.
-
-    One output column is a binary logit (positive means class 1). Float targets shaped
-    like the outputs are one-hot or soft (MSE heads): compared by argmax. Otherwise
-    targets are class indices; for sequences (B, T) the accuracy of a sample is the
-    fraction of its positions predicted right.
-    """
-    if outputs.shape[-1] == 1:
-        return ((outputs[..., 0] > 0) == (targets.reshape(targets.shape[0]) > 0.5)).float()
-    if targets.is_floating_point() and targets.shape == outputs.shape[-targets.dim() :]:
-        return (outputs.argmax(-1) == targets.argmax(-1)).float()
-    hits = (outputs.argmax(-1) == targets).float()  # (..., B, T...)
-    positions = tuple(range(hits.dim() - targets.dim() + 1, hits.dim()))
-    return hits.mean(positions) if positions else hits
 
 
 def _chunks(size: int, batch_size: int | None, *, early_exit: bool) -> list[tuple[int, int]]:

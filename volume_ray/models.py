@@ -1,4 +1,5 @@
-"""The networks of the paper's experiments, in plain PyTorch, and the loss of each task.
+"""The networks of the paper's experiments, in plain PyTorch, and the loss and accuracy
+that each task's outputs are read with.
 
 `build_model(name, ...)` is the registry a sweep's `model.name` resolves through. Its
 initialisation is deterministic from `seed` and leaves the global RNG as it was.
@@ -22,6 +23,7 @@ __all__ = [
     "count_parameters",
     "describe_model",
     "loss_for_task",
+    "sample_accuracy",
 ]
 
 
@@ -208,3 +210,20 @@ def _token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars in `model` (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def sample_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Accuracy of each sample, float (..., B), any leading dims of `outputs` broadcast.
+
+    One output column is a binary logit (positive means class 1). Float targets shaped
+    like the outputs are one-hot or soft (MSE heads): compared by argmax. Otherwise
+    targets are class indices; for sequences (B, T) the accuracy of a sample is the
+    fraction of its positions predicted right.
+    """
+    if outputs.shape[-1] == 1:
+        return ((outputs[..., 0] > 0) == (targets.reshape(targets.shape[0]) > 0.5)).float()
+    if targets.is_floating_point() and targets.shape == outputs.shape[-targets.dim() :]:
+        return (outputs.argmax(-1) == targets.argmax(-1)).float()
+    hits = (outputs.argmax(-1) == targets).float()  # (..., B, T...)
+    positions = tuple(range(hits.dim() - targets.dim() + 1, hits.dim()))
+    return hits.mean(positions) if positions else hits

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from volume_ray.landscape import sample_accuracy
+from volume_ray.models import sample_accuracy
 
 __all__ = [
     "OPTIMIZERS",
