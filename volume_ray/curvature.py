@@ -275,14 +275,16 @@ class Curvature:
         half = self.log_det_samples(floor, self.lanczos_steps // 2).mean()
         return float(abs(self.log_det(floor) - half))
 
-    def density(self, grid: np.ndarray, sigma: float) -> np.ndarray:
-        """The eigenvalue density on `grid`, SLQ smoothed by Gaussians of width `sigma`;
-        it integrates to about 1."""
-        if not sigma > 0:
+    def density(self, grid: np.ndarray, sigma: float | np.ndarray) -> np.ndarray:
+        """The eigenvalue density on `grid`, SLQ smoothed by Gaussians of width `sigma`
+        (one width, or one per grid point); it integrates to about 1."""
+        sigma = np.asarray(sigma, dtype=np.float64)
+        if not np.all(sigma > 0):
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         nodes, weights = self.quadrature()
-        gaps = (np.asarray(grid, dtype=np.float64)[..., None, None] - nodes) / sigma
-        bumps = np.exp(-0.5 * gaps**2) / (sigma * np.sqrt(2 * np.pi))
+        width = np.broadcast_to(sigma, np.shape(grid))[..., None, None]
+        gaps = (np.asarray(grid, dtype=np.float64)[..., None, None] - nodes) / width
+        bumps = np.exp(-0.5 * gaps**2) / (width * np.sqrt(2 * np.pi))
         return (bumps * weights).sum(axis=-1).mean(axis=-1)
 
     def to_record(self) -> dict:

@@ -158,15 +158,10 @@ class RadiusMeter:
     ):
         grid = _check_arguments(
             model, x, y, loss_fn, seed, metric, thresholds, filter_norm, search, coefficients,
-            rtol, max_coefficient, batch_size, full_curve, points_per_pass,
+            rtol, max_coefficient, batch_size, full_curve, points_per_pass, quadratic_radii,
         )  # fmt: skip
         if lanes is not None:
             check_int("lanes", lanes, minimum=1)
-        if not isinstance(quadratic_radii, bool) or (quadratic_radii and metric != "loss"):
-            raise ValueError(
-                f"quadratic_radii must be True or False, and True only with metric='loss' "
-                f"(the Hessian is of the loss), got {quadratic_radii!r} with {metric!r}"
-            )
         device = resolve_device(device, model)
         if next(model.parameters()).device != device:
             model = copy.deepcopy(model).to(device)
@@ -366,7 +361,7 @@ def _metric_values(metric: str, totals: np.ndarray, size: int) -> np.ndarray:
 
 def _check_arguments(
     model, x, y, loss_fn, seed, metric, thresholds, filter_norm, search, coefficients, rtol,
-    max_coefficient, batch_size, full_curve, points_per_pass,
+    max_coefficient, batch_size, full_curve, points_per_pass, quadratic_radii,
 ) -> np.ndarray | None:  # fmt: skip
     """Every argument rule of `measure_radii`, checked before any work; returns the
     coefficient grid of a grid search (None for bisect)."""
@@ -383,6 +378,11 @@ def _check_arguments(
         )
     if not isinstance(full_curve, bool):
         raise ValueError(f"full_curve must be True or False, got {full_curve!r}")
+    if not isinstance(quadratic_radii, bool) or (quadratic_radii and metric != "loss"):
+        raise ValueError(
+            f"quadratic_radii must be True or False, and True only with metric='loss' "
+            f"(the Hessian is of the loss), got {quadratic_radii!r} with {metric!r}"
+        )
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(outputs, targets)")
     check_int("seed", seed, minimum=0)

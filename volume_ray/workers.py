@@ -119,7 +119,7 @@ class VolumeWorker:
             batch_size=v.batch_size, device=self.device,
         )  # fmt: skip
         _, floor = laplace_from_curvature(spectrum, v.thresholds[0], v.max_coefficient)
-        known = floor == floor  # not NaN: the first threshold lies above the base loss
+        known = not math.isnan(floor)  # NaN: the first threshold is at or below the base loss
         log_det = spectrum.log_det(floor) if known else math.nan
         log_det_error = spectrum.log_det_error(floor) if known else math.nan
         record = spectrum.to_record()

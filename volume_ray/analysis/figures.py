@@ -232,7 +232,7 @@ def spectrum(curvature: pd.DataFrame, landscape: int):
     figure, axis = plt.subplots(figsize=(7, 4))
     peak = 0.0
     for model_id, one in spectra.items():
-        density = np.array([one.density(g, w) for g, w in zip(grid, widths)])
+        density = one.density(grid, widths)
         peak = max(peak, density.max())
         (line,) = axis.plot(grid, density, label=model_id)
         tops = one.top_eigenvalues
