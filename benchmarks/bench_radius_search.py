@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+import volume_ray.landscape as landscape_module
 from volume_ray import measure_radii
 from volume_ray.allocator import keep_freed_memory
 from volume_ray.data import load_source
@@ -75,15 +76,19 @@ def input_layer_gain(in_features, hidden, samples, points=16, rounds=5):
     y = torch.randint(0, 10, (samples,), generator=generator)
     model = build_model("mlp", (in_features,), 10, hidden=[hidden, hidden], seed=0).eval()
     params = perturbed_parameters(model)
-    kept = Landscape(model, params, x, y, F.cross_entropy)
-    recomputed = Landscape(model, params, x, y, F.cross_entropy)
-    recomputed.input_layer = None  # what a model without an affine first layer gets
+    kept = Landscape(model, x, y, F.cross_entropy)
+    limit = landscape_module.INPUT_LAYER_FLOATS
+    landscape_module.INPUT_LAYER_FLOATS = 0  # what a model without an affine first layer gets
+    try:
+        recomputed = Landscape(model, x, y, F.cross_entropy)
+    finally:
+        landscape_module.INPUT_LAYER_FLOATS = limit
     directions = raw_directions(params, 1, range(points)) * 0.01
     stops = np.full(points, np.inf), np.full(points, -np.inf)
     times = {kept: [], recomputed: []}
     for _ in range(rounds):
         for landscape in times:
-            walks = landscape.walks(directions)
+            walks = landscape.prepare(directions)
             start = time.perf_counter()
             landscape.score(walks, range(points), [0.5] * points, *stops)
             times[landscape].append((time.perf_counter() - start) / points * 1e3)
@@ -133,13 +138,13 @@ def main() -> None:
     start = time.perf_counter()
     meter = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
     setup = time.perf_counter() - start
-    # One walk at a time, each op on torch's threads, as a meter with one lane runs;
-    # and the same with PyTorch's own kernels for the Linear layers and the loss, as
-    # other models and losses get (see `cpu_kernels`).
-    one_lane = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,), lanes=1)
-    plain_kernels = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,), lanes=1)
-    plain_kernels.landscape.loss_fn = F.cross_entropy
-    plain_kernels.landscape._onednn_linears = []
+    # One walk at a time, each op on torch's threads; and the same with PyTorch's own
+    # cross-entropy, as other losses get (see `volume_ray.cross_entropy`).
+    one_walk = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,), parallel_walks=1)
+    plain_loss = RadiusMeter(
+        model, x, y, F.cross_entropy, thresholds=(THRESHOLD,), parallel_walks=1
+    )
+    plain_loss.landscape.loss_fn = F.cross_entropy
     # Interleaved rounds, medians: this VM's speed drifts by tens of percent. Each round
     # runs every arm once, in an order rotated from round to round, so that none always
     # follows the cache-flushing paper-style passes.
@@ -148,8 +153,8 @@ def main() -> None:
         "paper": (base_k, lambda r: grid_rounds.append(
             paper_stage_one(model, x, y, 1 + r * base_k, base_k))),
         "ours": (ours_k, lambda r: frames.append(meter.measure(r * ours_k, ours_k))),
-        "plain kernels": (ours_k, lambda r: plain_kernels.measure(r * ours_k, ours_k)),
-        "one lane": (ours_k, lambda r: one_lane.measure(r * ours_k, ours_k)),
+        "plain loss": (ours_k, lambda r: plain_loss.measure(r * ours_k, ours_k)),
+        "one walk": (ours_k, lambda r: one_walk.measure(r * ours_k, ours_k)),
         "one call": (ours_k, lambda r: measure_radii(
             model, x, y, F.cross_entropy, num_directions=ours_k, start=r * ours_k,
             thresholds=(THRESHOLD,))),
@@ -163,8 +168,8 @@ def main() -> None:
             run(round_)
             times[name].append((time.perf_counter() - start) / count)
     baseline_times, our_times, call_times = times["paper"], times["ours"], times["one call"]
-    head_ratios = np.array(times["plain kernels"]) / np.array(times["one lane"])
-    lane_ratios = np.array(times["one lane"]) / np.array(our_times)
+    loss_ratios = np.array(times["plain loss"]) / np.array(times["one walk"])
+    parallel_ratios = np.array(times["one walk"]) / np.array(our_times)
     baseline, per_direction = float(np.median(baseline_times)), float(np.median(our_times))
     per_call = float(np.median(call_times))
     ours = pd.concat(frames, ignore_index=True)
@@ -218,14 +223,13 @@ def main() -> None:
         f"GEMM peak {peak:.0f} (volume_ray at {achieved / peak:.0%} of peak)"
     )
     print(
-        f"lanes ({meter.lanes} walks side by side, each op on one thread): "
-        f"{np.median(lane_ratios):.3f}x, median over rounds of the time of one lane (each op "
-        f"on all {torch.get_num_threads()} threads) over the time with them"
+        f"parallel walks ({meter.parallel_walks}, each op on one thread): "
+        f"{np.median(parallel_ratios):.3f}x, median over rounds of the time of one walk at a "
+        f"time (each op on all {torch.get_num_threads()} threads) over the time with them"
     )
     print(
-        f"CPU kernels (oneDNN Linear layers, class-major cross-entropy): "
-        f"{np.median(head_ratios):.3f}x, median over rounds of the time with PyTorch's own "
-        f"kernels over the time with them (one lane each)"
+        f"class-major cross-entropy: {np.median(loss_ratios):.3f}x, median over rounds of the "
+        f"time with PyTorch's own over the time with it (one walk at a time each)"
     )
     print(
         f"time per evaluation, direction costs included: volume_ray "

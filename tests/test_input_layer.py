@@ -8,7 +8,7 @@ from torch import nn
 
 import volume_ray.landscape as landscape_module
 from volume_ray.directions import perturbed_parameters, raw_directions
-from volume_ray.input_layer import find_input_layer
+from volume_ray.input_layer import KeptOutput, find_input_layer
 from volume_ray.landscape import Landscape
 from volume_ray.models import build_model
 
@@ -38,18 +38,19 @@ def test_kept_input_layer_scores_equal_a_plain_forward(model, digits, kind, poin
         model, x = small_cnn(), x.reshape(-1, 1, 8, 8)
     params = perturbed_parameters(model)
     landscape = Landscape(
-        model, params, x, y, F.cross_entropy, points_per_pass=points_per_pass, batch_size=128
+        model, x, y, F.cross_entropy, points_per_pass=points_per_pass, batch_size=128
     )
-    first = model.layers[0] if kind == "mlp" else model.convs[0]
-    assert landscape.input_layer is not None and landscape.input_layer.module is first
+    path = "layers.0" if kind == "mlp" else "convs.0"
+    assert landscape.input_layer is not None and landscape.input_layer.path == path
+    assert isinstance(landscape.model.get_submodule(path), KeptOutput)
     directions = raw_directions(params, seed=1, indices=range(4)) * 0.05
     coefficients = [0.0, 0.5, 1.0, 2.0]
     expected = plain_sums(model, params, directions, coefficients, landscape.x, landscape.y)
     scores = landscape.score(
-        landscape.walks(directions), range(4), coefficients, np.full(4, INF), np.full(4, -INF)
+        landscape.prepare(directions), range(4), coefficients, np.full(4, INF), np.full(4, -INF)
     )
     np.testing.assert_allclose(scores.lower, expected, rtol=1e-5)
-    assert "forward" not in vars(first)  # the layer computes its output again afterwards
+    assert type(model.get_submodule(path)) in (torch.nn.Linear, torch.nn.Conv2d)  # yours: as it was
 
 
 def test_directions_through_the_kept_layer_match_the_layer_itself(model, digits):
@@ -110,31 +111,38 @@ def test_input_layer_is_refused_where_keeping_it_would_not_be_exact(model, digit
 
 def test_a_large_input_layer_output_is_not_kept(model, digits, monkeypatch):
     params = perturbed_parameters(model)
-    kept = Landscape(model, params, *digits, F.cross_entropy)
+    kept = Landscape(model, *digits, F.cross_entropy)
     kept_outputs = 2 * 600 * 10  # a search keeps two points' outputs for its surrogate
     assert kept.floats_per_walk == 600 * 32 + kept_outputs
     monkeypatch.setattr(landscape_module, "INPUT_LAYER_FLOATS", 600 * 32 - 1)
-    dropped = Landscape(model, params, *digits, F.cross_entropy)
+    dropped = Landscape(model, *digits, F.cross_entropy)
     assert dropped.input_layer is None and dropped.floats_per_walk == kept_outputs
-    assert dropped.walks(params.flat[None]).along is None
+    assert dropped.prepare(params.flat[None]).layer_outputs is None
     assert dropped.base_total == pytest.approx(kept.base_total, rel=1e-6)
 
 
-def test_the_layer_is_restored_when_the_loss_raises(model, digits):
-    armed = []
-
-    def failing(out, target):
-        if armed:
-            raise RuntimeError("loss failed")
-        return F.cross_entropy(out, target)
-
+def test_a_model_that_is_one_affine_layer_is_kept_whole(digits):
+    """A linear model: its whole output is the kept layer's, h* + c*g."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    landscape = Landscape(model, *digits, F.cross_entropy)
+    assert isinstance(landscape.model, KeptOutput) and landscape.input_layer.path == ""
     params = perturbed_parameters(model)
-    landscape = Landscape(model, params, *digits, failing)
-    walks = landscape.walks(raw_directions(params, seed=1, indices=[0]))
-    armed.append(True)
-    with pytest.raises(RuntimeError, match="loss failed"):
-        landscape.score(walks, [0], [0.1], np.array([INF]), np.array([-INF]))
-    assert "forward" not in vars(model.layers[0])
-    x = digits[0][:3]
-    with torch.no_grad():
-        assert torch.equal(model(x), model.layers[1](torch.relu(model.layers[0](x))))
+    d = raw_directions(params, seed=2, indices=[0]) * 0.05
+    scores = landscape.score(landscape.prepare(d), [0], [0.7], np.full(1, INF), np.full(1, -INF))
+    expected = plain_sums(model, params, d, [0.7], landscape.x, landscape.y)
+    np.testing.assert_allclose(scores.lower, expected, rtol=1e-5)
+    assert type(model) is nn.Linear
+
+
+def test_the_kept_output_is_given_only_within_its_block(model, digits):
+    landscape = Landscape(model, *digits, F.cross_entropy)
+    kept = landscape.model.get_submodule("layers.0")
+    with kept.giving(torch.zeros(3, 32)):
+        assert landscape.model(digits[0][:3]).shape == (3, 10)
+    with pytest.raises(RuntimeError, match="output was not given"):
+        landscape.model(digits[0][:3])
+    # it holds the layer's parameters under their own names
+    assert [name for name, _ in landscape.model.named_parameters()] == [
+        name for name, _ in model.named_parameters()
+    ]

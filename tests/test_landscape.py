@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from volume_ray.directions import perturbed_parameters, raw_directions
 from volume_ray.landscape import Landscape
-from volume_ray.lanes import Lanes
 from volume_ray.models import sample_accuracy
+from volume_ray.parallel_walks import ParallelWalks
 
 INF = np.inf
 
@@ -42,12 +42,11 @@ def walk(model, digits):
 def test_full_scores_equal_a_plain_forward(model, digits, walk, points_per_pass):
     params, directions, coefficients, losses, errors = walk
     for metric, expected in (("loss", losses), ("accuracy", errors)):
-        landscape = Landscape(
-            model, params, *digits, F.cross_entropy, metric=metric, batch_size=128,
+        landscape = Landscape(model, *digits, F.cross_entropy, metric=metric, batch_size=128,
             points_per_pass=points_per_pass,
         )  # fmt: skip
         scores = landscape.score(
-            landscape.walks(directions), range(4), coefficients, np.full(4, INF), np.full(4, -INF)
+            landscape.prepare(directions), range(4), coefficients, np.full(4, INF), np.full(4, -INF)
         )
         np.testing.assert_allclose(scores.lower, expected, rtol=1e-5)
         np.testing.assert_array_equal(scores.lower, scores.upper)
@@ -57,10 +56,10 @@ def test_full_scores_equal_a_plain_forward(model, digits, walk, points_per_pass)
 
 def test_early_exit_bounds_hold_for_loss(model, digits, walk):
     params, directions, coefficients, losses, _ = walk
-    landscape = Landscape(model, params, *digits, F.cross_entropy, batch_size=50)
+    landscape = Landscape(model, *digits, F.cross_entropy, batch_size=50)
     level = losses[1:].min() / 4  # every walked point is well past it
     scores = landscape.score(
-        landscape.walks(directions),
+        landscape.prepare(directions),
         [1, 2, 3],
         coefficients[1:],
         np.full(3, level),
@@ -74,18 +73,17 @@ def test_early_exit_bounds_hold_for_loss(model, digits, walk):
 
 def test_early_exit_bounds_hold_for_errors(model, digits, walk):
     params, directions, coefficients, _, errors = walk
-    landscape = Landscape(model, params, *digits, F.cross_entropy, metric="accuracy", batch_size=50)
+    landscape = Landscape(model, *digits, F.cross_entropy, metric="accuracy", batch_size=50)
     high = errors[3] + 300  # no point can be past this: stops once the upper bound is below
     scores = landscape.score(
-        landscape.walks(directions), [3], [coefficients[3]], np.array([INF]), np.array([high])
+        landscape.prepare(directions), [3], [coefficients[3]], np.array([INF]), np.array([high])
     )
     assert scores.lower[0] <= errors[3] <= scores.upper[0] <= high
     assert scores.samples[0] < 600
 
 
 def test_samples_are_ordered_hardest_first(model, digits):
-    params = perturbed_parameters(model)
-    landscape = Landscape(model, params, *digits, F.cross_entropy)
+    landscape = Landscape(model, *digits, F.cross_entropy)
     with torch.no_grad():
         per_sample = F.cross_entropy(model(landscape.x), landscape.y, reduction="none")
     assert (per_sample[:-1] >= per_sample[1:]).all()
@@ -115,10 +113,10 @@ def test_a_loss_with_negative_terms_is_always_scored_in_full(model, digits, walk
         return F.cross_entropy(out, target) - 1.0
 
     with pytest.warns(RuntimeWarning, match="negative per-sample terms"):
-        landscape = Landscape(model, params, *digits, shifted, batch_size=50)
+        landscape = Landscape(model, *digits, shifted, batch_size=50)
     assert not landscape.losses_nonnegative
     scores = landscape.score(
-        landscape.walks(directions), [3], [coefficients[3]], np.array([-1e9]), np.array([-INF])
+        landscape.prepare(directions), [3], [coefficients[3]], np.array([-1e9]), np.array([-INF])
     )
     assert scores.samples[0] == 600
     assert scores.lower[0] == pytest.approx(losses[3] - 600, rel=1e-5)
@@ -126,10 +124,10 @@ def test_a_loss_with_negative_terms_is_always_scored_in_full(model, digits, walk
 
 def test_a_point_that_cannot_stop_early_is_scored_in_one_pass(model, digits, walk):
     params, directions, coefficients, losses, _ = walk
-    landscape = Landscape(model, params, *digits, F.cross_entropy)
+    landscape = Landscape(model, *digits, F.cross_entropy)
     passes = []
-    model.layers[-1].register_forward_hook(lambda *_: passes.append(1))
-    walks = landscape.walks(directions)
+    landscape.model.layers[-1].register_forward_hook(lambda *_: passes.append(1))
+    walks = landscape.prepare(directions)
     stops = np.full(1, INF), np.full(1, -INF)
     full = landscape.score(walks, [2], [coefficients[2]], *stops)
     assert len(passes) == 1  # 600 samples, no bound to reach: one chunk
@@ -144,9 +142,9 @@ def test_a_point_that_cannot_stop_early_is_scored_in_one_pass(model, digits, wal
 def test_fully_scored_points_return_their_outputs(model, digits, walk, points_per_pass):
     params, directions, coefficients, _, _ = walk
     landscape = Landscape(
-        model, params, *digits, F.cross_entropy, batch_size=128, points_per_pass=points_per_pass
+        model, *digits, F.cross_entropy, batch_size=128, points_per_pass=points_per_pass
     )
-    walks = landscape.walks(directions)
+    walks = landscape.prepare(directions)
     full = landscape.score(walks, range(4), coefficients, np.full(4, INF), np.full(4, -INF))
     for d, c, outputs in zip(directions, coefficients, full.outputs):
         walked = copy.deepcopy(model)
@@ -158,79 +156,105 @@ def test_fully_scored_points_return_their_outputs(model, digits, walk, points_pe
     assert stopped.samples[0] < 600 and stopped.outputs == [None]
 
 
+def surrogate_through(landscape, scored):
+    """The landscape's surrogate for a walk, given the points scored as (c, total, outputs)."""
+    surrogate = landscape.surrogate()
+    for c, total, outputs in scored:
+        surrogate.record(c, total, outputs)
+    return surrogate
+
+
 def test_the_surrogate_is_exact_where_outputs_are_quadratic_in_c(digits):
     # Softmax regression: the logits x(W + cD)^T + b + c*e are affine in c, so the
     # quadratic through c = 0 and two scored points is exact, and so is the loss.
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 10)
     params = perturbed_parameters(model)
-    landscape = Landscape(model, params, *digits, F.cross_entropy)
+    landscape = Landscape(model, *digits, F.cross_entropy)
     d = raw_directions(params, seed=3, indices=[0]) * 0.05
-    walks = landscape.walks(d)
+    prepared = landscape.prepare(d)
     coefficients = [0.3, 0.5, 0.05, 0.9, 2.0]
-    full = landscape.score(walks, [0] * 5, coefficients, np.full(5, INF), np.full(5, -INF))
-    scored = [(0.3, full.outputs[0]), (0.5, full.outputs[1])]
+    full = landscape.score(prepared, [0] * 5, coefficients, np.full(5, INF), np.full(5, -INF))
+    surrogate = surrogate_through(landscape, zip(coefficients[:2], full.lower, full.outputs))
     for c, total in zip(coefficients, full.lower):
-        assert landscape.surrogate_total(c, scored) == pytest.approx(total, rel=1e-5)
-    assert landscape.surrogate_total(0.0, scored) == pytest.approx(landscape.base_total, rel=1e-5)
+        assert surrogate(c) == pytest.approx(total, rel=1e-5)
+    assert surrogate(0.0) == pytest.approx(landscape.base_total, rel=1e-5)
 
 
 def test_the_surrogate_interpolates_an_mlp_at_its_scored_points(model, digits, walk):
     params, directions, coefficients, losses, _ = walk
-    landscape = Landscape(model, params, *digits, F.cross_entropy)
+    landscape = Landscape(model, *digits, F.cross_entropy)
     full = landscape.score(
-        landscape.walks(directions), [1, 1, 1], [0.5, 1.0, 0.75], np.full(3, INF), np.full(3, -INF)
-    )
-    scored = [(0.5, full.outputs[0]), (1.0, full.outputs[1])]
-    assert landscape.surrogate_total(0.5, scored) == pytest.approx(full.lower[0], rel=1e-5)
-    assert landscape.surrogate_total(1.0, scored) == pytest.approx(full.lower[1], rel=1e-5)
-    between = landscape.surrogate_total(0.75, scored)  # a model, not the truth
+        landscape.prepare(directions), [1, 1, 1], [0.5, 1.0, 0.75], np.full(3, INF),
+        np.full(3, -INF),
+    )  # fmt: skip
+    surrogate = surrogate_through(landscape, zip([0.5, 1.0], full.lower, full.outputs))
+    assert surrogate(0.5) == pytest.approx(full.lower[0], rel=1e-5)
+    assert surrogate(1.0) == pytest.approx(full.lower[1], rel=1e-5)
+    between = surrogate(0.75)  # a model, not the truth
     assert between != full.lower[2] and between == pytest.approx(full.lower[2], rel=0.05)
 
 
+def test_the_surrogate_rests_on_the_first_two_fully_scored_finite_points(model, digits, walk):
+    """Points stopped early (no outputs) or with a NaN sum do not count; a third point
+    ends the surrogate, as the search then interpolates scored points alone."""
+    params, directions, coefficients, _, _ = walk
+    landscape = Landscape(model, *digits, F.cross_entropy)
+    full = landscape.score(
+        landscape.prepare(directions), [1, 1, 1], [0.5, 1.0, 0.75], np.full(3, INF),
+        np.full(3, -INF),
+    )  # fmt: skip
+    surrogate = landscape.surrogate()
+    surrogate.record(0.5, full.lower[0], full.outputs[0])
+    assert surrogate(0.6) is None  # one point
+    surrogate.record(0.9, 1e9, None)  # stopped early
+    surrogate.record(0.8, np.nan, full.outputs[2])  # a NaN sum
+    assert surrogate(0.6) is None
+    surrogate.record(1.0, full.lower[1], full.outputs[1])
+    assert surrogate(1.0) == pytest.approx(full.lower[1], rel=1e-5)
+    surrogate.record(0.75, full.lower[2], full.outputs[2])
+    assert surrogate(0.6) is None
+    assert Landscape(model, *digits, F.cross_entropy, metric="accuracy").surrogate() is None
+
+
 def test_outputs_are_kept_only_for_the_loss_and_up_to_a_size(model, digits, monkeypatch):
-    params = perturbed_parameters(model)
-    assert Landscape(model, params, *digits, F.cross_entropy).keeps_outputs
-    errors = Landscape(model, params, *digits, F.cross_entropy, metric="accuracy")
+    assert Landscape(model, *digits, F.cross_entropy).keeps_outputs
+    errors = Landscape(model, *digits, F.cross_entropy, metric="accuracy")
     assert not errors.keeps_outputs and errors.floats_per_walk == 600 * 32
     monkeypatch.setattr("volume_ray.landscape.OUTPUT_FLOATS", 600 * 10 - 1)
-    large = Landscape(model, params, *digits, F.cross_entropy)
+    large = Landscape(model, *digits, F.cross_entropy)
     assert not large.keeps_outputs and large.floats_per_walk == 600 * 32
 
 
 def test_points_scored_together_keep_outputs_of_their_own(model, digits, walk):
     params, directions, coefficients, _, _ = walk
-    landscape = Landscape(model, params, *digits, F.cross_entropy, points_per_pass=3)
+    landscape = Landscape(model, *digits, F.cross_entropy, points_per_pass=3)
     full = landscape.score(
-        landscape.walks(directions), range(3), coefficients[:3], np.full(3, INF), np.full(3, -INF)
+        landscape.prepare(directions), range(3), coefficients[:3], np.full(3, INF), np.full(3, -INF)
     )
     assert all(outputs.shape == (600, 10) and outputs._base is None for outputs in full.outputs)
 
 
 def test_a_grid_search_keeps_no_outputs(model, digits):
-    params = perturbed_parameters(model)
-    grid = Landscape(model, params, *digits, F.cross_entropy, keep_outputs=False)
+    grid = Landscape(model, *digits, F.cross_entropy, keep_outputs=False)
     assert not grid.keeps_outputs and grid.floats_per_walk == 600 * 32
 
 
 def test_a_replica_scores_alike_on_a_model_of_its_own_at_the_same_time(model, digits, walk):
     params, directions, coefficients, losses, _ = walk
-    x, y = digits
-    # twice the samples: enough rows that the output layer is routed to oneDNN
-    landscape = Landscape(model, params, torch.cat([x, x]), torch.cat([y, y]), F.cross_entropy)
+    landscape = Landscape(model, *digits, F.cross_entropy)
     twin = landscape.replica()
-    assert landscape._onednn_linears and landscape.input_layer is not None
-    twin_modules = list(twin.model.modules())
-    assert all(any(m is t for t in twin_modules) for m in twin._onednn_linears)
-    assert any(twin.input_layer.module is t for t in twin_modules)
-    assert not any(p is q for p in twin.model.parameters() for q in model.parameters())
+    assert landscape.input_layer is not None
+    assert twin.input_layer.module is not landscape.input_layer.module
+    for one in (model, landscape.model):
+        assert not any(p is q for p in twin.model.parameters() for q in one.parameters())
     assert twin._point.data_ptr() != landscape._point.data_ptr()
     assert twin.x is landscape.x and twin._layer_output is landscape._layer_output
 
-    def score(lane, on):
+    def score(_k, on):
         stops = np.full(4, INF), np.full(4, -INF)
-        return on.score(on.walks(directions), range(4), coefficients, *stops).lower
+        return on.score(on.prepare(directions), range(4), coefficients, *stops).lower
 
-    both = Lanes(2).map(score, [landscape, twin])
+    both = ParallelWalks(2).map(score, [landscape, twin])
     np.testing.assert_array_equal(both[0], both[1])
-    np.testing.assert_allclose(both[0], 2 * losses, rtol=1e-5)
+    np.testing.assert_allclose(both[0], losses, rtol=1e-5)

@@ -173,8 +173,8 @@ def test_directions_do_not_depend_on_the_shard(model, digits):
     np.testing.assert_allclose(batched.radius, whole.radius[19:24], rtol=2e-4)
 
 
-def test_radii_do_not_depend_on_the_thread_count_or_the_lanes(model, digits):
-    """Every op of a walk runs on one thread, in one lane or in several: the same bits."""
+def test_radii_do_not_depend_on_the_thread_count_or_the_parallel_walks(model, digits):
+    """Every op of a walk runs on one thread, one walk at a time or several: the same bits."""
     x, y = digits
     before = torch.get_num_threads()
     try:
@@ -183,45 +183,73 @@ def test_radii_do_not_depend_on_the_thread_count_or_the_lanes(model, digits):
         torch.set_num_threads(2)
         two = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(0.1, 0.05)).measure(3, 7)
         assert torch.get_num_threads() == 2
-        three = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(0.1, 0.05), lanes=3)
+        three = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(0.1, 0.05), parallel_walks=3)
         pd.testing.assert_frame_equal(two, alone)
         pd.testing.assert_frame_equal(three.measure(3, 7), alone)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
 
-def test_lanes_default_to_the_threads_and_large_models_get_one(model, digits):
+def test_parallel_walks_default_to_the_threads_and_large_models_get_one(model, digits):
     x, y = digits
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert RadiusMeter(model, x, y, F.cross_entropy).lanes == 2
+        assert RadiusMeter(model, x, y, F.cross_entropy).parallel_walks == 2
         wide = nn.Sequential(nn.Linear(64, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 10))
         assert sum(p.numel() for p in wide.parameters()) > 2**22
         big = RadiusMeter(wide, x[:16], y[:16], F.cross_entropy, thresholds=(1e9,), search="grid")
-        assert big.lanes == 1
+        assert big.parallel_walks == 1
     finally:
         torch.set_num_threads(before)
 
 
-def test_a_model_that_cannot_be_copied_walks_in_one_lane(model, digits):
+def test_a_model_that_cannot_be_copied_is_refused_with_the_fix(model, digits):
     x, y = digits
     model.guard = threading.Lock()  # deepcopy cannot copy a lock
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with pytest.warns(RuntimeWarning, match="cannot be copied"):
-            meter = RadiusMeter(model, x, y, F.cross_entropy)
-        assert meter.lanes == 1
-        assert (meter.measure(0, 3).radius > 0).all()
-    finally:
-        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="model cannot be copied.*outside the module"):
+        measure_radii(model, x, y, F.cross_entropy, num_directions=1)
 
 
-def test_lanes_are_checked(model, digits):
+def test_parallel_walks_are_checked(model, digits):
     x, y = digits
-    with pytest.raises(ValueError, match="lanes must be an integer >= 1"):
-        RadiusMeter(model, x, y, F.cross_entropy, lanes=0)
+    with pytest.raises(ValueError, match="parallel_walks must be None or an integer >= 1, got 0"):
+        RadiusMeter(model, x, y, F.cross_entropy, parallel_walks=0)
+
+
+def test_the_callers_model_is_untouched_while_radii_are_measured(model, digits):
+    """Another thread reads the model's weights and outputs throughout a measurement,
+    in training mode, and sees them unchanged; no module carries a forward of its own,
+    and no parameter is re-pointed, before, during or after."""
+    x, y = digits
+    model.train()
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    storages = [p.data_ptr() for p in model.parameters()]
+    with torch.no_grad():
+        expected = model(x[:50])
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            with torch.no_grad():
+                same_outputs = torch.equal(model(x[:50]), expected)
+            same_weights = all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+            own_forward = any("forward" in vars(m) for m in model.modules())
+            seen.append((same_outputs, same_weights, model.training, own_forward))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        measure_radii(model, x, y, F.cross_entropy, num_directions=6, quadratic_radii=True)
+        measure_radii(model, x, y, F.cross_entropy, num_directions=2, points_per_pass=3)
+    finally:
+        done.set()
+        watcher.join()
+    assert len(seen) > 5
+    assert all(s == (True, True, True, False) for s in seen)
+    assert storages == [p.data_ptr() for p in model.parameters()]
+    assert not any("forward" in vars(m) for m in model.modules())
 
 
 def test_chunking_and_filter_norms_through_measure_radii(model, digits):
@@ -257,7 +285,7 @@ def test_batched_forward_passes_agree_with_one_at_a_time(model, digits):
     np.testing.assert_allclose(batched.radius, loop.radius, rtol=2e-4)
 
 
-def test_weights_and_mode_are_restored_bit_exactly(model, digits):
+def test_weights_and_mode_are_left_bit_exactly(model, digits):
     x, y = digits
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,11 +1,13 @@
-"""Searches on plain functions whose crossings are known (no model involved)."""
+"""Searches on plain functions whose crossings are known (no network involved)."""
 
 import math
 
 import numpy as np
 import pytest
+import torch
 
 from volume_ray.search import BracketSearch, GridSearch, Hint, paper_grid
+from volume_ray.surrogate import OutputSurrogate
 
 
 def drive(search, f):
@@ -242,53 +244,58 @@ def test_a_one_sided_step_follows_an_estimate_within_a_bracket_width():
 
 
 def _outputs_walk(c):
-    """A walk whose 'outputs' are two samples' logits, quadratic in c, with a summed
-    loss of 1 - the probability of class 0: the sum is no power law in c, but the
+    """A walk whose outputs are two samples' logits, quadratic in c, with a summed loss
+    of 1 - the probability of class 0: the sum is no power law in c, but the
     surrogate, which interpolates the outputs, is exact on it."""
-    return np.array([[4.0 - 9 * c - 30 * c**2, 0.0], [5.0 + 3 * c - 80 * c**2, 0.0]])
+    return torch.tensor([[4.0 - 9 * c - 30 * c**2, 0.0], [5.0 + 3 * c - 80 * c**2, 0.0]])
+
+
+def _mean_loss(logits, _targets):
+    return (1 - torch.sigmoid(logits[:, 0] - logits[:, 1])).mean()
+
+
+TARGETS = torch.zeros(2, dtype=torch.long)
 
 
 def _outputs_loss(logits):
-    return float(np.sum(1 - 1 / (1 + np.exp(logits[:, 1] - logits[:, 0]))))
+    return _mean_loss(logits, TARGETS).item() * 2
 
 
-def _interpolating_surrogate(c, scored):
-    """What `Landscape.surrogate_total` does: outputs quadratic in c through c = 0 and
-    the two scored points, then the loss of those outputs."""
-    (c1, z1), (c2, z2) = scored
-    w1 = c * (c - c2) / (c1 * (c1 - c2))
-    w2 = c * (c - c1) / (c2 * (c2 - c1))
-    return _outputs_loss(_outputs_walk(0.0) * (1 - w1 - w2) + z1 * w1 + z2 * w2)
-
-
-def _drive_with_outputs(search):
+def _drive_with_outputs(search, surrogate=None):
+    """Score the search's proposals on the walk, each point's outputs to `surrogate`."""
     evals = 0
     while (proposal := search.propose()) is not None:
         c = proposal.coefficient
         logits = _outputs_walk(c)
         value = _outputs_loss(logits)
-        search.record(c, value, value, logits)
+        search.record(c, value, value)
+        if surrogate is not None:
+            surrogate.record(c, value, logits)
         evals += 1
     return search.crossings(), evals
 
 
 def test_a_surrogate_from_outputs_saves_evaluations():
     f = lambda c: _outputs_loss(_outputs_walk(c))  # noqa: E731
-    evals = {None: [], _interpolating_surrogate: []}
+    evals = {False: [], True: []}
     for level in (0.05, 0.2, 0.6, 1.0):
         root = _root(f, level)
         hint = [Hint(root * 1.12, 4.0)]  # a typical first probe: 12% off, slope approximate
-        for surrogate in evals:
-            search = BracketSearch([level], f(0.0), rtol=1e-4, hints=hint, surrogate=surrogate)
-            (crossing,), count = _drive_with_outputs(search)
+        for with_surrogate in evals:
+            surrogate = OutputSurrogate(_outputs_walk(0.0), _mean_loss, TARGETS)
+            search = BracketSearch(
+                [level], f(0.0), rtol=1e-4, hints=hint,
+                surrogate=surrogate if with_surrogate else None,
+            )  # fmt: skip
+            (crossing,), count = _drive_with_outputs(search, surrogate)
             assert root <= crossing.coefficient <= root / (1 - 1e-4)
-            evals[surrogate].append(count)
+            evals[with_surrogate].append(count)
     # first probe, one step, then the third point lands within a bracket width
-    assert evals[_interpolating_surrogate] == [4, 4, 4, 4]
-    assert sum(evals[None]) > 16
+    assert evals[True] == [4, 4, 4, 4]
+    assert sum(evals[False]) > 16
 
 
-@pytest.mark.parametrize("wrong", [lambda c, scored: 1e6, lambda c, scored: math.nan])
+@pytest.mark.parametrize("wrong", [lambda c: 1e6, lambda c: math.nan, lambda c: None])
 def test_a_misleading_surrogate_cannot_spoil_the_answer(wrong):
     f = lambda c: _outputs_loss(_outputs_walk(c))  # noqa: E731
     root = _root(f, 0.2)

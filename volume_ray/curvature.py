@@ -13,9 +13,8 @@ first product also gives Hutchinson's trace and diagonal.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
@@ -26,7 +25,14 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from volume_ray.checks import check_int, resolve_device
+from volume_ray.checks import (
+    MODEL_AND_DATA_RULES,
+    check,
+    check_int,
+    integer,
+    private_copy,
+    resolve_device,
+)
 from volume_ray.directions import FilterNorm, perturbed_parameters
 
 __all__ = ["SAMPLES_PER_PASS", "Curvature", "HessianOperator", "curvature"]
@@ -38,6 +44,15 @@ BREAKDOWN_ULPS = 100  # a Lanczos residual this many ulps of |T| small spans an 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# What each argument of `curvature` must be, checked in this order before any work.
+CURVATURE_RULES = {
+    **MODEL_AND_DATA_RULES,
+    "top_k": integer(1),
+    "probes": integer(1),
+    "lanczos_steps": integer(1),
+    "seed": integer(0),
+}
+
 
 class HessianOperator:
     """Products H_z v = f⊙H_w(f⊙v) of the mean loss on (x, y), at z = 0.
@@ -48,10 +63,10 @@ class HessianOperator:
     gradient; `vectors_per_pass`): side by side, the model's matrix-vector work becomes
     matrix products. The mean's product sums the chunks' products, weighted by their
     share of samples. Attention runs through PyTorch's math kernel here: the fused ones
-    have no forward-mode derivative.
-    The model computes in eval mode, in its dtype and on its device; its weights are
-    never written and each module's training flag is restored after every call. `count`
-    is the number of products so far, one per vector.
+    have no forward-mode derivative (the switch is process-wide while a product runs).
+    The operator computes on a copy of the model of its own, on `device` (None: the
+    model's), in eval mode and in the model's dtype: the caller's model is never
+    touched. `count` is the number of products so far, one per vector.
     """
 
     def __init__(
@@ -63,6 +78,7 @@ class HessianOperator:
         *,
         scale: torch.Tensor | None = None,
         batch_size: int | None = None,
+        device: str | torch.device | None = None,
     ):
         if len(x) == 0 or len(x) != len(y):
             raise ValueError(
@@ -71,15 +87,16 @@ class HessianOperator:
             )
         if batch_size is not None:
             check_int("batch_size", batch_size, minimum=1)
-        self.model, self.loss_fn = model, loss_fn
-        self.params = perturbed_parameters(model)
+        self.model = private_copy(model, resolve_device(device, model))
+        self.loss_fn = loss_fn
+        self.params = perturbed_parameters(self.model)
         self.n = self.params.count
         flat = self.params.flat
         if scale is not None and scale.shape != (self.n,):
             raise ValueError(f"scale must have shape ({self.n},), got {tuple(scale.shape)}")
         self.scale = None if scale is None else scale.to(flat)
         chosen = set(self.params.names)
-        named = chain(model.named_parameters(), model.named_buffers())
+        named = chain(self.model.named_parameters(), self.model.named_buffers())
         self.fixed = {name: t.detach() for name, t in named if name not in chosen}
         x, y = x.to(flat.device), y.to(flat.device)
         size = min(len(x), batch_size or SAMPLES_PER_PASS)
@@ -91,8 +108,7 @@ class HessianOperator:
         ]
         self.count = 0
         self._vmap = True  # until a batched product shows the model or loss cannot vmap
-        with self._eval():
-            self.base_loss = self._check_loss_and_base()
+        self.base_loss = self._check_loss_and_base()
 
     def _floats_per_sample(self, sample: torch.Tensor) -> int:
         """The outputs of every leaf module in one forward pass of one sample, counted by
@@ -104,22 +120,12 @@ class HessianOperator:
         leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
         hooks = [m.register_forward_hook(count) for m in leaves]
         try:
-            with torch.no_grad(), self._eval():
+            with torch.no_grad():
                 self.model(sample)
         finally:
             for hook in hooks:
                 hook.remove()
         return max(1, sum(counts))
-
-    @contextmanager
-    def _eval(self) -> Iterator[None]:
-        flags = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
-            yield
-        finally:
-            for module, training in flags:
-                module.training = training
 
     def _loss(self, z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w = self.params.flat + (z if self.scale is None else self.scale * z)
@@ -160,11 +166,10 @@ class HessianOperator:
             )
         vectors = v.reshape(-1, self.n).to(self.params.flat)
         total = torch.zeros(vectors.shape, dtype=torch.float64, device=vectors.device)
-        with self._eval():
-            group = self.vectors_per_pass
-            for x, y, share in self.chunks:
-                for i in range(0, len(vectors), group):
-                    total[i : i + group] += share * self._products(vectors[i : i + group], x, y)
+        group = self.vectors_per_pass
+        for x, y, share in self.chunks:
+            for i in range(0, len(vectors), group):
+                total[i : i + group] += share * self._products(vectors[i : i + group], x, y)
         self.count += len(vectors)
         return total.reshape(v.shape).to(v)
 
@@ -175,7 +180,13 @@ class HessianOperator:
         if len(vectors) > 1 and self._vmap:
             try:
                 return vmap(product)(vectors).double()
-            except (RuntimeError, NotImplementedError):  # the model or loss does not vmap
+            except (RuntimeError, NotImplementedError) as error:
+                warnings.warn(
+                    f"this model or loss cannot be batched with torch.func.vmap ({error}); "
+                    "Hessian-vector products run one vector per pass instead (slower)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
                 self._vmap = False
         try:
             return torch.stack([product(v) for v in vectors]).double()
@@ -341,20 +352,11 @@ def curvature(
     `top_k` eigenvalues are the largest Ritz values over all probes (each a lower bound
     of its eigenvalue). Randomness comes from a generator seeded with `seed` only.
     `batch_size` is the samples per pass, as in `HessianOperator`; probes run side by
-    side as many as fit. `device` picks where the work runs (the model is
-    copied there if it lives elsewhere); the caller's model is left as it was.
+    side as many as fit. `device` picks where the work runs; the work is done on a
+    copy of the model there, so the caller's model is left as it was.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, tensor in (("x", x), ("y", y)):
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not callable(loss_fn):
-        raise ValueError("loss_fn must be callable as loss_fn(outputs, targets)")
+    check(CURVATURE_RULES, locals())
     params = perturbed_parameters(model)
-    for name, value in (("top_k", top_k), ("probes", probes), ("lanczos_steps", lanczos_steps)):
-        check_int(name, value, minimum=1)
-    check_int("seed", seed, minimum=0)
     if top_k > params.count:
         raise ValueError(f"top_k must be <= n_params={params.count}, got {top_k}")
     steps = min(lanczos_steps, params.count)
@@ -362,9 +364,9 @@ def curvature(
         raise ValueError(f"top_k must be <= lanczos_steps, got top_k={top_k}, {steps} steps")
     scale = FilterNorm(params, filter_norm).scale  # raises for li2018
     device = resolve_device(device, model)
-    if next(model.parameters()).device != device:
-        model = copy.deepcopy(model).to(device)
-    operator = HessianOperator(model, x, y, loss_fn, scale=scale.to(device), batch_size=batch_size)
+    operator = HessianOperator(
+        model, x, y, loss_fn, scale=scale.to(device), batch_size=batch_size, device=device
+    )
     n = operator.n
     # Probes run side by side, as many as one pass of the model takes and the bases fit.
     side_by_side = max(1, min(operator.vectors_per_pass, BASIS_FLOATS // (steps * n)))

@@ -1,14 +1,14 @@
 """`measure_radii`: threshold radii along seeded random directions (DESIGN §5).
 
-This module checks the arguments in one place, then glues the core together:
-directions from `directions`, scoring from `landscape`, one search per direction from
-`search`. Directions are processed in blocks; within a block, every direction's next
-proposal is scored in one call, so a device can batch them.
+This module checks the arguments in one place (`ARGUMENT_RULES`, then the rules that
+tie arguments together), then glues the core together: directions from `directions`,
+scoring from `landscape`, one search per direction from `search`. Directions are
+processed in blocks; within a block, every direction's next proposal is scored in one
+call, so a device can batch them.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import warnings
@@ -19,11 +19,21 @@ import pandas as pd
 import torch
 from torch import nn
 
-from volume_ray.checks import check_int, resolve_device
+from volume_ray.checks import (
+    BOOLEAN,
+    MODEL_AND_DATA_RULES,
+    check,
+    check_int,
+    integer,
+    one_of,
+    optional,
+    real,
+    resolve_device,
+)
 from volume_ray.curvature import HessianOperator
 from volume_ray.directions import FILTER_NORMS, FilterNorm, perturbed_parameters, raw_directions
 from volume_ray.landscape import METRICS, Landscape
-from volume_ray.lanes import Lanes
+from volume_ray.parallel_walks import ParallelWalks
 from volume_ray.search import (
     DEFAULT_RTOL,
     MIN_RTOL,
@@ -52,6 +62,23 @@ RADII_COLUMNS = [
 ]
 BLOCK_FLOATS = 2**24  # scalars held per block of directions (64 MiB in fp32), see below
 CUDA_POINTS_PER_PASS = 16  # default batch of weight sets per forward pass on a GPU
+
+# What each argument of `RadiusMeter` must be, checked in this order before any work;
+# `_check_arguments` adds the rules that tie arguments together.
+ARGUMENT_RULES = {
+    **MODEL_AND_DATA_RULES,
+    "seed": integer(0),
+    "metric": one_of(METRICS),
+    "filter_norm": one_of(FILTER_NORMS),
+    "search": one_of(SEARCHES),
+    "rtol": real(MIN_RTOL, 0.5),
+    "max_coefficient": real(0, low_open=True),
+    "batch_size": optional(integer(1)),
+    "points_per_pass": optional(integer(1)),
+    "parallel_walks": optional(integer(1)),
+    "full_curve": BOOLEAN,
+    "quadratic_radii": BOOLEAN,
+}
 
 
 def measure_radii(
@@ -98,28 +125,24 @@ def measure_radii(
       basin with the landscape's Hessian H at the trained weights would give along the
       direction, |g|*sqrt(2(T - L*)/dᵀHd), from one Hessian-vector product per direction
       (inf where dᵀHd <= 0). Where it parts from `radius`, the basin is not quadratic.
-    - On the CPU, walks go side by side, one per torch thread, each op on a single
-      thread (`volume_ray.lanes`): radii are those of one thread, whatever the thread
-      count, and `loss_fn` may be called from several threads at once. Each lane holds
-      a copy of the model, so large models get fewer: past 2**22 parameters, one lane
-      whose ops run on all threads.
+    - On the CPU, walks run in parallel, one per torch thread, each op on a single
+      thread (`volume_ray.parallel_walks`): radii are those of one thread, whatever the
+      thread count, and `loss_fn` may be called from several threads at once. Each
+      parallel walk holds a copy of the model, so large models get fewer: past 2**22
+      parameters, one walk at a time whose ops run on all threads.
 
-    The model is left as it was: its weights are never written.
+    The work is done on a copy of the model: the caller's model is never written,
+    moved or switched to eval mode, so another thread may use it meanwhile.
     """
     check_int("num_directions", num_directions, minimum=1)  # before any work
     check_int("start", start, minimum=0)
-    was_training = model.training
-    try:
-        meter = RadiusMeter(
-            model, x, y, loss_fn, seed=seed, metric=metric, thresholds=thresholds,
-            filter_norm=filter_norm, search=search, coefficients=coefficients, rtol=rtol,
-            max_coefficient=max_coefficient, batch_size=batch_size, device=device,
-            full_curve=full_curve, points_per_pass=points_per_pass,
-            quadratic_radii=quadratic_radii,
-        )  # fmt: skip
-        return meter.measure(start, num_directions)
-    finally:
-        model.train(was_training)
+    meter = RadiusMeter(
+        model, x, y, loss_fn, seed=seed, metric=metric, thresholds=thresholds,
+        filter_norm=filter_norm, search=search, coefficients=coefficients, rtol=rtol,
+        max_coefficient=max_coefficient, batch_size=batch_size, device=device,
+        full_curve=full_curve, points_per_pass=points_per_pass, quadratic_radii=quadratic_radii,
+    )  # fmt: skip
+    return meter.measure(start, num_directions)
 
 
 class RadiusMeter:
@@ -127,11 +150,11 @@ class RadiusMeter:
     landscape on its device, the filter norm, and the hints that direction 0 gives
     every other walk. `measure(start, count)` then walks any range of directions, and
     the radii never depend on how the ranges are split. A worker keeps one meter per
-    (model, landscape) pair. The model is left in eval mode (a copy, if it had to
-    move to `device`). Arguments are those of `measure_radii`, and `lanes`: how many
-    walks go side by side, each on a thread of its own (see `lanes`); by default
-    torch's thread count on the CPU (fewer for large models), 1 on a GPU. One lane
-    runs each op on torch's threads instead.
+    (model, landscape) pair. Arguments are those of `measure_radii`, and
+    `parallel_walks`: how many walks run at once, each on a thread of its own with
+    torch's ops on one thread (see `parallel_walks`); by default torch's thread count
+    on the CPU (fewer for large models), 1 on a GPU. One walk at a time runs each op
+    on torch's threads instead.
     """
 
     def __init__(
@@ -153,84 +176,65 @@ class RadiusMeter:
         device: str | torch.device | None = None,
         full_curve: bool = False,
         points_per_pass: int | None = None,
-        lanes: int | None = None,
+        parallel_walks: int | None = None,
         quadratic_radii: bool = False,
     ):
-        grid = _check_arguments(
-            model, x, y, loss_fn, seed, metric, thresholds, filter_norm, search, coefficients,
-            rtol, max_coefficient, batch_size, full_curve, points_per_pass, quadratic_radii,
-        )  # fmt: skip
-        if lanes is not None:
-            check_int("lanes", lanes, minimum=1)
+        grid = _check_arguments({name: v for name, v in locals().items() if name != "self"})
         device = resolve_device(device, model)
-        if next(model.parameters()).device != device:
-            model = copy.deepcopy(model).to(device)
-        model.eval()
-        # Its own copy: the landscape below reroutes some of its model's layers.
-        self._hessian = (
-            HessianOperator(copy.deepcopy(model), x.to(device), y.to(device), loss_fn,
-                            batch_size=batch_size)
-            if quadratic_radii else None
-        )  # fmt: skip
-        params = perturbed_parameters(model)
+        count = perturbed_parameters(model).count
         if points_per_pass is None:
             points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
         # Memory cap: a block of directions (with what the landscape keeps for each),
-        # the weight sets stacked for one pass, and the lanes' copies of the model and
-        # point buffer (2n scalars a lane) each hold about BLOCK_FLOATS scalars at most.
-        # On the CPU, walks go side by side, one lane per thread of torch's (see
-        # `lanes`); a GPU takes them in batches instead. With several lanes every op
-        # runs on one thread, the set-up's too, so values are those of one thread.
-        if lanes is None:
-            most = max(1, BLOCK_FLOATS // (2 * params.count))
-            lanes = min(torch.get_num_threads(), most) if device.type == "cpu" else 1
-        self._lanes = Lanes(lanes)
-        with self._lanes.op_threads():  # the whole set-up computes as the lanes do
+        # the weight sets stacked for one pass, and the parallel walks' copies of the
+        # model and point buffer (2n scalars a walk) each hold about BLOCK_FLOATS
+        # scalars at most. A GPU takes walks in batches instead.
+        if parallel_walks is None:
+            most = max(1, BLOCK_FLOATS // (2 * count))
+            parallel_walks = min(torch.get_num_threads(), most) if device.type == "cpu" else 1
+        self._walks = ParallelWalks(parallel_walks)
+        self._hessian = (
+            HessianOperator(model, x, y, loss_fn, batch_size=batch_size, device=device)
+            if quadratic_radii else None
+        )  # fmt: skip
+        self.seed, self.metric, self.thresholds = seed, metric, thresholds
+
+        def set_up() -> None:  # computed as the walks compute, on their first thread
             self.landscape = Landscape(
-                model, params, x.to(device), y.to(device), loss_fn, metric=metric,
+                model, x.to(device), y.to(device), loss_fn, metric=metric,
                 batch_size=batch_size,
-                points_per_pass=max(1, min(points_per_pass, BLOCK_FLOATS // params.count)),
+                points_per_pass=max(1, min(points_per_pass, BLOCK_FLOATS // count)),
                 keep_outputs=search == "bisect",  # for its surrogate
             )  # fmt: skip
-            per_walk = params.count + self.landscape.floats_per_walk
-            self.block = max(self.landscape.points_per_pass, BLOCK_FLOATS // per_walk)
-            levels = _levels(metric, thresholds, self.landscape.size)
-            _warn_if_base_is_past(metric, thresholds, levels, self.landscape.base_total)
-            self.to_norm = FilterNorm(params, filter_norm)
-            self.seed, self.metric, self.thresholds = seed, metric, thresholds
-            base = self.landscape.base_total
-            if search == "grid":
-                self.new_search = lambda _: GridSearch(levels, base, grid, full_curve=full_curve)
-            else:
-                surrogate = self.landscape.surrogate_total if self.landscape.keeps_outputs else None
-                self.new_search = lambda hints: BracketSearch(
-                    levels, base, rtol=rtol, max_coefficient=max_coefficient, hints=hints,
-                    surrogate=surrogate,
-                )  # fmt: skip
+            self.to_norm = FilterNorm(self.landscape.params, filter_norm)
             self.hints = self._hints_from_direction_zero() if search == "bisect" else None
-        try:
-            replicas = [self.landscape.replica() for _ in range(1, lanes)]
-        except (TypeError, RuntimeError, copy.Error) as error:  # deepcopy refused the model
-            warnings.warn(
-                f"the model cannot be copied for walks side by side ({error}); walking "
-                "one lane at a time on all threads instead",
-                RuntimeWarning,
-                stacklevel=2,
+
+        levels = _levels(metric, thresholds, len(x))
+        if search == "grid":
+            self.new_search = lambda _hints, _surrogate: GridSearch(
+                levels, self.landscape.base_total, grid, full_curve=full_curve
             )
-            replicas, self._lanes = [], Lanes(1)
-        self._landscapes = [self.landscape, *replicas]
+        else:
+            self.new_search = lambda hints, surrogate: BracketSearch(
+                levels, self.landscape.base_total, rtol=rtol, max_coefficient=max_coefficient,
+                hints=hints, surrogate=surrogate,
+            )  # fmt: skip
+        self._walks.run(set_up)
+        _warn_if_base_is_past(metric, thresholds, levels, self.landscape.base_total)
+        per_walk = count + self.landscape.floats_per_walk
+        self.block = max(self.landscape.points_per_pass, BLOCK_FLOATS // per_walk)
+        self._landscapes = [self.landscape]
+        self._landscapes += [self.landscape.replica() for _ in range(1, parallel_walks)]
 
     @property
-    def lanes(self) -> int:
-        """How many walks go side by side."""
-        return self._lanes.count
+    def parallel_walks(self) -> int:
+        """How many walks run at once."""
+        return self._walks.count
 
     def _hints_from_direction_zero(self) -> list[Hint | None]:
         """Direction 0 guides every other walk's first probe. It does so identically in
         every shard, so radii never depend on how directions were sharded."""
-        pilot = self.new_search(None)
-        self._run(self.landscape, [pilot], self._directions([0])[1])
-        return pilot.hints()
+        searches, _, _ = self._search(self.landscape, self._directions([0])[1], None)
+        return searches[0].hints()
 
     def measure(self, start: int, num_directions: int) -> pd.DataFrame:
         """Rows of directions start .. start+num_directions-1, as `measure_radii`."""
@@ -240,9 +244,9 @@ class RadiusMeter:
         records = []
         for first in range(start, stop, self.block):
             block = range(first, min(first + self.block, stop))
-            parts = _split(block, self._lanes.count)
-            walked = self._lanes.map(lambda k, part: self._walk(self._landscapes[k], part), parts)
-            rows = [record for lane in walked for record in lane]  # direction, then threshold
+            parts = _split(block, self._walks.count)
+            walked = self._walks.map(lambda k, part: self._walk(self._landscapes[k], part), parts)
+            rows = [record for part in walked for record in part]  # direction, then threshold
             if self._hessian is not None:
                 quadratic = self._quadratic_radii(block).reshape(-1)
                 for record, value in zip(rows, quadratic, strict=True):
@@ -254,7 +258,7 @@ class RadiusMeter:
         """(directions, thresholds): |g|*sqrt(2(T - L*)/dᵀHd), the crossing of the
         quadratic model of the loss; inf where it never crosses, 0 where T <= L*. Computed
         on all of torch's threads, so its last bits may depend on the thread count."""
-        raw, directions = self._directions(indices)  # on all threads: a diagnostic's
+        raw, directions = self._directions(indices)
         curvatures = (directions.double() * self._hessian.matvec(directions).double()).sum(1)
         curvatures = curvatures.cpu().numpy()[:, None]
         raw_norms = raw.double().norm(dim=1).cpu().numpy()[:, None]
@@ -267,8 +271,7 @@ class RadiusMeter:
     def _walk(self, landscape: Landscape, indices: Sequence[int]) -> list[dict]:
         """The rows of directions `indices`, walked on `landscape` together."""
         raw, directions = self._directions(indices)
-        searches = [self.new_search(self.hints) for _ in indices]
-        evals, samples = self._run(landscape, searches, directions)
+        searches, evals, samples = self._search(landscape, directions, self.hints)
         raw_norms = raw.double().norm(dim=1).cpu().numpy()
         direction_norms = directions.double().norm(dim=1).cpu().numpy()
         size = landscape.size
@@ -302,30 +305,32 @@ class RadiusMeter:
         raw = raw_directions(params, self.seed, indices).to(params.flat.device)
         return raw, self.to_norm(raw)
 
-    @staticmethod
-    def _run(
-        landscape: Landscape, searches, directions: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Drive every search to its end, scoring each round's proposals together on
-        `landscape`; return the evaluations and samples scored per search."""
+    def _search(
+        self, landscape: Landscape, directions: torch.Tensor, hints: list[Hint | None] | None
+    ) -> tuple[list[BracketSearch | GridSearch], np.ndarray, np.ndarray]:
+        """One search per direction, each driven to its end, every round's proposals
+        scored together on `landscape`; with the evaluations and samples scored per
+        search. Each walk's surrogate (None for a grid search) takes its scored points."""
+        surrogates = [landscape.surrogate() for _ in range(len(directions))]
+        searches = [self.new_search(hints, surrogate) for surrogate in surrogates]
         evals = np.zeros(len(searches), dtype=np.int64)
         samples = np.zeros(len(searches), dtype=np.int64)
-        walks = landscape.walks(directions)
+        prepared = landscape.prepare(directions)
         while asks := [(j, p) for j, s in enumerate(searches) if (p := s.propose()) is not None]:
             scores = landscape.score(
-                walks,
+                prepared,
                 [j for j, _ in asks],
                 [p.coefficient for _, p in asks],
                 np.array([p.stop_above for _, p in asks]),
                 np.array([p.stop_below for _, p in asks]),
             )
             for k, (j, proposal) in enumerate(asks):
-                searches[j].record(
-                    proposal.coefficient, scores.lower[k], scores.upper[k], scores.outputs[k]
-                )
+                searches[j].record(proposal.coefficient, scores.lower[k], scores.upper[k])
+                if surrogates[j] is not None:
+                    surrogates[j].record(proposal.coefficient, scores.lower[k], scores.outputs[k])
                 evals[j] += 1
                 samples[j] += scores.samples[k]
-        return evals, samples
+        return searches, evals, samples
 
 
 def _split(items: Sequence[int], parts: int) -> list[Sequence[int]]:
@@ -359,58 +364,34 @@ def _metric_values(metric: str, totals: np.ndarray, size: int) -> np.ndarray:
     return totals / size if metric == "loss" else 1.0 - totals / size
 
 
-def _check_arguments(
-    model, x, y, loss_fn, seed, metric, thresholds, filter_norm, search, coefficients, rtol,
-    max_coefficient, batch_size, full_curve, points_per_pass, quadratic_radii,
-) -> np.ndarray | None:  # fmt: skip
-    """Every argument rule of `measure_radii`, checked before any work; returns the
-    coefficient grid of a grid search (None for bisect)."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+def _check_arguments(arguments: dict) -> np.ndarray | None:
+    """Every argument rule of `measure_radii`, checked before any work: the table, then
+    the rules that tie arguments together. Returns the coefficient grid of a grid
+    search (None for bisect)."""
+    check(ARGUMENT_RULES, arguments)
+    model, x, y = arguments["model"], arguments["x"], arguments["y"]
+    metric, search = arguments["metric"], arguments["search"]
     perturbed_parameters(model)  # raises when there is nothing to perturb
-    for name, tensor in (("x", x), ("y", y)):
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(
             f"x and y must hold the same positive number of samples, got len(x)={len(x)} "
             f"and len(y)={len(y)}"
         )
-    if not isinstance(full_curve, bool):
-        raise ValueError(f"full_curve must be True or False, got {full_curve!r}")
-    if not isinstance(quadratic_radii, bool) or (quadratic_radii and metric != "loss"):
+    if arguments["quadratic_radii"] and metric != "loss":
         raise ValueError(
-            f"quadratic_radii must be True or False, and True only with metric='loss' "
-            f"(the Hessian is of the loss), got {quadratic_radii!r} with {metric!r}"
+            f"quadratic_radii=True needs metric='loss' (the Hessian is of the loss), got {metric!r}"
         )
-    if not callable(loss_fn):
-        raise ValueError("loss_fn must be callable as loss_fn(outputs, targets)")
-    check_int("seed", seed, minimum=0)
-    for name, value, allowed in (
-        ("metric", metric, METRICS),
-        ("filter_norm", filter_norm, FILTER_NORMS),
-        ("search", search, SEARCHES),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    _check_thresholds(metric, thresholds)
-    if not (isinstance(rtol, numbers.Real) and MIN_RTOL <= rtol < 0.5):
-        raise ValueError(f"rtol must be a number in [{MIN_RTOL}, 0.5), got {rtol!r}")
-    if not (isinstance(max_coefficient, numbers.Real) and 0 < max_coefficient < math.inf):
-        raise ValueError(f"max_coefficient must be a finite number > 0, got {max_coefficient!r}")
-    if batch_size is not None:
-        check_int("batch_size", batch_size, minimum=1)
-    if points_per_pass is not None:
-        check_int("points_per_pass", points_per_pass, minimum=1)
+    _check_thresholds(metric, arguments["thresholds"])
+    coefficients = arguments["coefficients"]
     if search == "bisect":
-        if coefficients is not None or full_curve:
+        if coefficients is not None or arguments["full_curve"]:
             raise ValueError(
                 "coefficients and full_curve belong to search='grid'; "
                 "pass search='grid' or drop them"
             )
         return None
     if coefficients is None:
-        return paper_grid() * max_coefficient
+        return paper_grid() * arguments["max_coefficient"]
     grid = np.asarray(coefficients, dtype=np.float64)
     if grid.ndim != 1 or len(grid) == 0 or not np.isfinite(grid).all() or grid[0] < 0:
         raise ValueError(

@@ -15,9 +15,9 @@ Values and levels are in the landscape's units: summed per-sample metric, where
   line near a minimum (exactly so, with slope 2, on a quadratic bowl), safeguarded by
   geometric bisection. Sums within EXIT_FACTOR of the levels are scored fully, so
   that interpolation has exact values; points further off may stop early. Given a
-  surrogate (a model of the sum built from what the landscape returned at two
-  scored points), it aims its third point by it, so that point often lands within
-  a bracket width of the crossing and one more closes the bracket.
+  surrogate (a model of the sum between scored points, see `volume_ray.surrogate`),
+  it places its third point by it, so that point often lands within a bracket width
+  of the crossing and one more closes the bracket.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -49,13 +48,12 @@ MAX_GROWTH = 4.0  # an unbracketed search moves by at most this factor per step
 EXIT_FACTOR = 4.0  # sums within this factor of the pending levels are scored fully
 MIN_SHRINK = 0.5  # a bracket that shrinks less than this over two steps is bisected
 FIRST_STEP = 1e-4  # the least relative step of a one-sided search, growing 4x a step
-AIM_FROM_TWO = 0.45  # aim past an estimate from two points by this much of rtol * c,
-AIM_FROM_MORE = 0.05  # and past one from three or more (about 1e-6 off) by this much
+OVERSHOOT_FROM_TWO = 0.45  # probe past an estimate from two points by this much of rtol*c,
+OVERSHOOT_FROM_MORE = 0.05  # and past one from three or more (about 1e-6 off) by this much
 
 
-Surrogate = Callable[[float, Sequence[tuple[float, Any]]], float]
-"""surrogate(c, scored): a model of a walk's summed metric at c, from what the landscape
-returned at two fully scored points, given as (coefficient, outputs) pairs."""
+Surrogate = Callable[[float], "float | None"]
+"""surrogate(c): a model of this walk's summed metric at c, or None where it has none."""
 
 
 def paper_grid() -> np.ndarray:
@@ -159,8 +157,8 @@ class GridSearch:
             return Proposal(float(self.grid[self._next]), math.inf, -math.inf)
         return Proposal(float(self.grid[self._next]), max(pending), min(pending))
 
-    def record(self, coefficient: float, lower: float, upper: float, outputs: Any = None) -> None:
-        """Take the bounds scored at `coefficient` (`outputs` is not needed here)."""
+    def record(self, coefficient: float, lower: float, upper: float) -> None:
+        """Take the bounds scored at `coefficient`."""
         self._note(_Point(coefficient, lower, upper))
         self.curve.append(lower)
         self._next += 1
@@ -184,7 +182,7 @@ class BracketSearch:
     model, see `hints()`) set the first probe and the slope used to extrapolate from
     a single point; without them the first probe is max_coefficient / 16 and the
     slope that of a bowl, 2. `surrogate` (see `Surrogate`) sharpens the estimate
-    from two points; it only aims, every answer rests on scored points. Steps that
+    from two points; it only places probes, every answer rests on scored points. Steps that
     do not shrink the bracket fall back to geometric bisection, and a one-sided
     step's least size grows 4x each time it overrules the estimate, so every search
     ends within about a hundred evaluations even on plateaus, bumps and step
@@ -209,7 +207,6 @@ class BracketSearch:
         self.max_coefficient = max_coefficient
         self._log_cap = math.log(MAX_GROWTH * max_coefficient)
         self._surrogate = surrogate
-        self._outputs: dict[float, Any] = {}  # coefficient -> outputs, for the surrogate
         self._hints = dict(zip(self.levels, hints)) if hints is not None else {}
         self._points = [_Point(0.0, base, base)]
         self._widths: dict[float, list[float]] = {}  # bracket widths seen, per level
@@ -236,8 +233,8 @@ class BracketSearch:
         pending = [level for level in self.levels if not self._resolved(level)]
         if not pending:
             return None
-        c, aimed = self._next_coefficient(min(pending))
-        if aimed:  # expected near the level, where early exit cannot decide: one pass
+        c, near = self._next_coefficient(min(pending))
+        if near:  # expected near the level, where early exit cannot decide: one pass
             return Proposal(c, math.inf, -math.inf)
         stop_above, stop_below = EXIT_FACTOR * max(pending), min(pending) / EXIT_FACTOR
         # A bound the value at c cannot reach, given the points around c, is dropped:
@@ -249,18 +246,9 @@ class BracketSearch:
             stop_below = -math.inf
         return Proposal(c, stop_above, stop_below)
 
-    def record(self, coefficient: float, lower: float, upper: float, outputs: Any = None) -> None:
-        """Take the bounds scored at `coefficient`; `outputs`, what the landscape
-        returned for a fully scored point, is kept for the surrogate while it may
-        still be used (up to two scored points)."""
-        point = _Point(coefficient, lower, upper)
-        self._points.append(point)
-        if self._surrogate is None:
-            return
-        if point.exact and outputs is not None:
-            self._outputs[coefficient] = outputs
-        if sum(p.exact for p in self._points[1:]) > 2:
-            self._outputs.clear()
+    def record(self, coefficient: float, lower: float, upper: float) -> None:
+        """Take the bounds scored at `coefficient`."""
+        self._points.append(_Point(coefficient, lower, upper))
 
     def crossings(self) -> list[Crossing]:
         answers = []
@@ -325,16 +313,16 @@ class BracketSearch:
         widths.append(hi.c - lo.c)
         stalled = len(widths) >= 3 and widths[-1] > MIN_SHRINK * widths[-3]
         tol = 0.5 * self.rtol * hi.c
-        aimed = guess is not None and not stalled
-        if not aimed:
+        near = guess is not None and not stalled
+        if not near:
             guess = math.sqrt(lo.c * hi.c)
         else:
-            # Aim past the estimate, away from the latest point, by about its error:
+            # Probe past the estimate, away from the latest point, by about its error:
             # the point then lands on the far side within a bracket width, and the
             # next one, from three points, closes the bracket.
-            aim = AIM_FROM_TWO if nodes == 2 else AIM_FROM_MORE
-            guess += aim * self.rtol * hi.c * (1 if self._points[-1] is lo else -1)
-        return min(max(guess, lo.c + tol), hi.c - tol), aimed
+            overshoot = OVERSHOOT_FROM_TWO if nodes == 2 else OVERSHOOT_FROM_MORE
+            guess += overshoot * self.rtol * hi.c * (1 if self._points[-1] is lo else -1)
+        return min(max(guess, lo.c + tol), hi.c - tol), near
 
     def _first_probe(self, level: float) -> float | None:
         """Where the hints say this walk crosses `level`: the hinted coefficient, scaled
@@ -379,7 +367,7 @@ class BracketSearch:
         if len(nodes) == 1:
             gap, log_c = nodes[0]
             log_c -= gap / slope
-        elif len(nodes) == 2 and len(self._outputs) == 2:
+        elif len(nodes) == 2 and self._surrogate is not None:
             log_c = self._surrogate_root(level, nodes)
         else:
             log_c = _inverse_interpolation(nodes)
@@ -396,8 +384,8 @@ class BracketSearch:
         node of the inverse interpolation, gets that.
         """
         log_c = _inverse_interpolation(nodes)
-        value = self._surrogate(math.exp(min(log_c, self._log_cap)), list(self._outputs.items()))
-        gap = self._log_gap(value, level)
+        value = self._surrogate(math.exp(min(log_c, self._log_cap)))
+        gap = None if value is None else self._log_gap(value, level)
         if gap is None or any(gap == g for g, _ in nodes):
             return log_c
         return _inverse_interpolation([*nodes, (gap, log_c)])

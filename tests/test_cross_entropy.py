@@ -1,4 +1,4 @@
-"""Linear layers and cross-entropy on faster CPU kernels: the same values."""
+"""Cross-entropy over class-major logits: the same values as PyTorch's own."""
 
 import numpy as np
 import pytest
@@ -6,19 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from volume_ray.cpu_kernels import (
-    CLASS_MAJOR_ROWS,
-    FEW_CLASSES,
-    ONEDNN_ROWS,
-    cross_entropy,
-    faster_loss,
-    linears_through_onednn,
-    onednn_linears,
-)
+from volume_ray.cross_entropy import CLASS_MAJOR_ROWS, FEW_CLASSES, cross_entropy, faster_loss
 from volume_ray.directions import perturbed_parameters, raw_directions
 from volume_ray.landscape import Landscape
-
-CPU = torch.device("cpu")
 
 
 def logits_and_targets(rows, classes, seed=0):
@@ -79,58 +69,11 @@ def test_other_losses_and_targets_have_none(loss_fn, targets):
     assert faster_loss(loss_fn, targets) is None
 
 
-class Scaled(nn.Linear):
-    def forward(self, x):
-        return 2 * super().forward(x)
-
-
-def test_onednn_linears_are_plain_linear_layers_of_the_shapes_it_multiplies_faster():
-    head, narrow, wide, few = (
-        nn.Linear(8, 6),
-        nn.Linear(6, 300),
-        nn.Linear(300, 16),
-        nn.Linear(16, 13),
-    )
-    model = nn.Sequential(
-        head, narrow, wide, few, nn.Linear(13, 12), nn.Linear(256, 4), Scaled(300, 10)
-    )
-    # 6-12 outputs, or at least 256 inputs and 16 outputs; never a subclass
-    assert onednn_linears(model, CPU, ONEDNN_ROWS) == [head, wide, model[4]]
-    assert onednn_linears(model, CPU, ONEDNN_ROWS, exclude=[head]) == [wide, model[4]]
-    assert onednn_linears(model, CPU, ONEDNN_ROWS - 1) == []  # too few rows to pay
-    assert onednn_linears(model, torch.device("meta"), ONEDNN_ROWS) == []
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_linears_through_onednn_give_the_same_outputs(bias):
-    torch.manual_seed(0)
-    head = nn.Linear(64, 10, bias=bias)
-    many, few = torch.randn(ONEDNN_ROWS + 37, 64), torch.randn(ONEDNN_ROWS - 1, 64)
-    sequences = torch.randn(4, ONEDNN_ROWS // 2, 64)  # (B, T, K): B*T rows
-    assert onednn_linears(head, CPU, ONEDNN_ROWS) == [head]
-    with torch.no_grad():
-        plain = [head(many), head(few), head(sequences)]
-        with linears_through_onednn([head]):
-            assert "forward" in vars(head)
-            ours = [head(many), head(few), head(sequences)]
-    for a, b in zip(ours, plain):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert torch.equal(ours[1], plain[1])  # few rows: F.linear itself
-    assert "forward" not in vars(head)  # the class's own forward again
-
-
-def test_linears_get_their_own_forward_back_after_an_error():
-    head = nn.Linear(4, 10)
-    with pytest.raises(RuntimeError, match="inside"), linears_through_onednn([head]):
-        raise RuntimeError("inside")
-    assert "forward" not in vars(head)
-
-
 @pytest.mark.parametrize("points_per_pass", [1, 3])
 def test_a_landscape_scores_a_classifier_as_a_plain_forward(points_per_pass):
-    """Enough samples for both kinds of kernel; sums and outputs match a plain forward."""
+    """Enough samples for the class-major layout; sums and outputs match a plain forward."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(ONEDNN_ROWS + 100, 20, generator=generator)
+    x = torch.randn(2 * CLASS_MAJOR_ROWS, 20, generator=generator)
     y = torch.randint(0, 10, (len(x),), generator=generator)
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -138,13 +81,15 @@ def test_a_landscape_scores_a_classifier_as_a_plain_forward(points_per_pass):
     )
     params = perturbed_parameters(model)
     directions = raw_directions(params, seed=1, indices=range(3)) * 0.1
-    landscape = Landscape(model, params, x, y, F.cross_entropy, points_per_pass=points_per_pass)
+    landscape = Landscape(model, x, y, F.cross_entropy, points_per_pass=points_per_pass)
     assert landscape.loss_fn is cross_entropy
-    routed = [model[2], model[4]] if points_per_pass == 1 else []
-    assert landscape._onednn_linears == routed
     coefficients = [0.5, 1.0, 2.0]
     scores = landscape.score(
-        landscape.walks(directions), range(3), coefficients, np.full(3, np.inf), np.full(3, -np.inf)
+        landscape.prepare(directions),
+        range(3),
+        coefficients,
+        np.full(3, np.inf),
+        np.full(3, -np.inf),
     )
     for k, (d, c) in enumerate(zip(directions, coefficients)):
         weights = params.tensors(params.flat + c * d)
