@@ -3,8 +3,8 @@
 A forward pass allocates activations of a few MiB and frees them again. glibc's
 malloc hands such blocks back to the kernel once the free space at the top of its
 heap passes a trim threshold (or serves them by mmap), so the next pass faults every
-page in anew. On the 2-core VM this project is built on, that doubled the time of a
-pass of the digits MLP (1.6 against 3-4 ms, varying from process to process). Raising
+page in anew, which can double the time of a small model's pass (docs/performance.md
+has the figures). Raising
 the thresholds keeps up to TRIM_BYTES of freed heap for reuse; blocks above MMAP_BYTES
 still go straight back to the kernel, so the extra resident memory stays bounded: at
 most TRIM_BYTES (512 MiB) more per process that trains or measures (a Tune trial, a

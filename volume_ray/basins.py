@@ -10,7 +10,8 @@ rounding), so z = w - w* and the filter norms "paper" and "none" coincide.
 - `quadratic_basin`: least squares, L(z) = z^T (X^T X / N) z, Hessian eigenvalues
   known. X = sqrt(N) diag(sqrt(mu)) Q^T with Q a Haar rotation (float64 QR of a
   Gaussian, signs fixed by diag R), so X^T X / N = Q diag(mu) Q^T exactly up to
-  rounding. At n = 10,000 that QR takes ~30 s and ~2.2 GB on 2 cores.
+  rounding. That QR is O(n^3): at n in the ten thousands it takes tens of seconds
+  (docs/performance.md).
 - `cross_polytope_basin`: L(z) = (1/n) sum a_i |z_i|, not quadratic. The weights a_i
   sit in the inputs, x = diag(a), with `F.l1_loss`: each sample's loss depends on its
   own output and target alone, as it must, since the landscape reorders and chunks

@@ -378,9 +378,9 @@ class BracketSearch:
         """log c where the walk crosses `level`, from two scored points and the
         surrogate through them.
 
-        Interpolating the two sums in log-log places the crossing to about 1e-3;
-        the surrogate, which interpolates the outputs sample by sample, to about
-        2e-5 (digits MLP). One surrogate value at the first estimate, as a third
+        Interpolating the two sums in log-log places the crossing only roughly; the
+        surrogate, which interpolates the outputs sample by sample, far more closely
+        (docs/performance.md). One surrogate value at the first estimate, as a third
         node of the inverse interpolation, gets that.
         """
         log_c = _inverse_interpolation(nodes)
