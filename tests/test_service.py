@@ -112,15 +112,26 @@ def sorted_radii(store: SweepStore) -> pd.DataFrame:
     return store.read_radii().sort_values(keys).reset_index(drop=True)
 
 
-def test_a_truncated_shard_is_detected_and_recomputed(trained, local_ray, tmp_path):
+def shard_start(path: Path) -> int:
+    return int(path.name.split("__d")[1].split("-")[0])
+
+
+def test_an_empty_shard_is_measured_again_and_a_damaged_one_named(trained, local_ray, tmp_path):
     store = copy_store(trained, tmp_path, radii=True)
-    victim = sorted(store.radii.glob("*.parquet"))[4]
-    victim.write_bytes(victim.read_bytes()[:100])
+    empty, damaged = (sorted(store.radii.glob("*.parquet"))[i] for i in (4, 9))
+    empty.write_bytes(b"")  # as a copy killed midway may leave: too short to be Parquet
+    damaged.write_bytes(damaged.read_bytes()[:100])  # long enough to pass for a shard
     spec = load_spec(TINY)
-    missing, total = pending_shards(spec, store)
-    assert [m.start for m in missing] == [int(victim.name.split("__d")[1].split("-")[0])]
+    missing, total = pending_shards(spec, store)  # from the listing: names and sizes
+    assert [m.start for m in missing] == [shard_start(empty)] and total == 3 * 8
     assert measure_stage(spec, store, progress=False).shards == 1
-    pd.testing.assert_frame_equal(sorted_radii(store), sorted_radii(trained))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(empty), pd.read_parquet(trained.radii / empty.name)
+    )
+    with pytest.raises(RuntimeError, match=rf"{damaged.name} cannot be read.*Delete it; a rerun"):
+        aggregate_stage(spec, store)  # never aggregated with a gap
+    damaged.unlink()  # the fix the error names
+    assert [m.start for m in pending_shards(spec, store)[0]] == [shard_start(damaged)]
 
 
 def test_a_lost_curvature_row_alone_is_computed_again(trained, local_ray, tmp_path):

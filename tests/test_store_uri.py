@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import types
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,12 +23,13 @@ import ray
 import torch
 from pyarrow import fs
 
+from volume_ray import locations
 from volume_ray.cli import main
-from volume_ray.driver import run_sweep
+from volume_ray.driver import pending_shards, run_sweep
 from volume_ray.locations import exists, join, locate, read_bytes, split, write_atomic
 from volume_ray.results import load_table
 from volume_ray.spec import load_spec
-from volume_ray.store import SweepStore, write_table
+from volume_ray.store import PARQUET_MIN_BYTES, SweepStore, write_table
 from volume_ray.workers import VolumeWorker
 
 BUCKET = "sweeps"
@@ -122,17 +124,19 @@ def test_the_store_round_trips_through_s3(plain_uri, s3_endpoint, tmp_path):
     pd.testing.assert_frame_equal(store.read_radii(), frame)
     truncated = store.shard_path("m1", 60, 3, 3)
     write_atomic(truncated, lambda sink: sink.write(read_bytes(written)[:100]))
-    assert store.shard_is_complete(written, 3)
-    assert not store.shard_is_complete(written, 4)
-    assert not store.shard_is_complete(truncated, 3)
-    assert not store.shard_is_complete(store.shard_path("m1", 60, 6, 3), 3)  # missing
+    write_atomic(store.shard_path("m1", 60, 6, 3), lambda sink: None)  # an empty object
+    finished = {"m1__L60__d0000000-3.parquet", "m1__L60__d0000003-3.parquet"}
+    assert store.finished_shards() == finished  # from the listing: names and sizes
+    with pytest.raises(RuntimeError, match=r"radii/m1__L60__d0000003-3.parquet cannot be read"):
+        store.read_radii()
 
     # all of it is in the bucket, none on the local disk
     stored = objects(s3_endpoint, "test_the_store_round_trips_through_s3/tiny")
     names = sorted(path.split("/tiny/")[1] for path in stored)
     assert names == [
         "checkpoints/m1.pt", "models.parquet", "models/m1.parquet", "models/m2.parquet",
-        "radii/m1__L60__d0000000-3.parquet", "radii/m1__L60__d0000003-3.parquet", "spec.yaml",
+        "radii/m1__L60__d0000000-3.parquet", "radii/m1__L60__d0000003-3.parquet",
+        "radii/m1__L60__d0000006-3.parquet", "spec.yaml",
     ]  # fmt: skip
     assert not Path("s3:").exists()
 
@@ -157,6 +161,91 @@ def test_a_write_that_fails_midway_leaves_no_object(where, plain_uri, tmp_path):
     assert read_bytes(target) == before  # the old object, whole
     if where == "local":
         assert sorted(p.name for p in Path(store.radii).iterdir()) == [Path(target).name]
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda shard: shard[:100], "cannot be read"),  # truncated
+        (lambda shard: b"PAR1" + bytes(range(256)) + b"PAR1", "cannot be read"),  # foreign
+        (lambda shard: None, "holds 2 rows, not the 3 of 3 directions x 1 thresholds"),
+    ],
+    ids=["truncated", "foreign", "rows"],
+)
+def test_a_shard_damaged_from_outside_is_named_where_the_radii_are_read(damage, problem, tmp_path):
+    store = SweepStore(tmp_path, "tiny")
+    store.claim(load_spec(SPEC).model_dump(mode="json"))  # one threshold
+    frame = pd.DataFrame({"direction": [0, 1, 2], "threshold": 0.5, "radius": [0.1, 0.2, 0.3]})
+    write_table(frame, store.shard_path("m1", 60, 0, 3))
+    victim = Path(store.shard_path("m1", 60, 3, 3))
+    write_table(frame.iloc[:2], victim)  # another shard's rows, or the start of a damage
+    if (damaged := damage(victim.read_bytes())) is not None:
+        victim.write_bytes(damaged)
+    assert victim.name in store.finished_shards()  # a plausible size: taken as finished
+    with pytest.raises(RuntimeError) as caught:
+        store.read_radii()
+    message = str(caught.value)
+    assert f"{victim} {problem}" in message and "Delete it; a rerun measures" in message
+
+
+@pytest.mark.parametrize("size", [0, PARQUET_MIN_BYTES - 1])
+def test_a_shard_too_short_to_be_parquet_is_measured_again(size, tmp_path):
+    store = SweepStore(tmp_path, "tiny")
+    write_table(pd.DataFrame({"radius": [0.5]}), store.shard_path("m1", 60, 0, 1))
+    Path(store.shard_path("m1", 60, 1, 1)).write_bytes(b"PAR1PAR1PAR1"[:size])
+    assert store.finished_shards() == {"m1__L60__d0000000-1.parquet"}
+
+
+def test_a_file_in_radii_that_is_no_shard_is_named(tmp_path):
+    store = SweepStore(tmp_path, "tiny")
+    store.claim(load_spec(SPEC).model_dump(mode="json"))
+    write_table(pd.DataFrame({"radius": [0.5]}), join(store.radii, "notes.parquet"))
+    with pytest.raises(RuntimeError, match=r"notes.parquet is not named as a radii shard"):
+        store.read_radii()
+
+
+# -- one filesystem per store -----------------------------------------------------------
+
+
+@pytest.fixture
+def built(monkeypatch) -> list[str]:
+    """The root URI of every filesystem `locations` builds from now on, none cached: its
+    calls to pyarrow's `FileSystem.from_uri` are counted (and still build each one)."""
+    uris = []
+
+    def from_uri(uri: str):
+        uris.append(uri)
+        return fs.FileSystem.from_uri(uri)
+
+    counting = types.ModuleType(fs.__name__)
+    counting.__dict__.update(vars(fs))
+    counting.FileSystem = types.SimpleNamespace(from_uri=from_uri)
+    monkeypatch.setattr(locations, "fs", counting)
+    locations._filesystem.cache_clear()
+    return uris
+
+
+@pytest.mark.parametrize(
+    "path", ["", "/", "/runs/", "/my%20results%20100%25/tiny", "/a+b;c=d@e:f/%C3%A9/~x", "/a//b"]
+)
+def test_a_uri_locates_the_path_pyarrow_reads_from_it(path, s3_endpoint, tmp_path):
+    uris = [
+        f"file://{quote(str(tmp_path))}{path}",
+        f"s3://{BUCKET}{path}?endpoint_override={s3_endpoint}&scheme=http",
+    ]
+    for uri in uris:
+        filesystem, where = locate(uri)
+        expected_filesystem, expected = fs.FileSystem.from_uri(uri)
+        assert where == expected and type(filesystem) is type(expected_filesystem)
+
+
+def test_local_paths_and_uris_share_one_filesystem_each(built, s3_endpoint, tmp_path):
+    assert locate(tmp_path)[0] is locate(tmp_path / "a" / "b")[0]
+    file_uri = f"file://{quote(str(tmp_path))}"
+    assert locate(file_uri)[0] is locate(join(file_uri, "a b", "c%d"))[0]
+    s3 = f"s3://{BUCKET}/a?endpoint_override={s3_endpoint}&scheme=http"
+    assert locate(s3)[0] is locate(join(s3, "b"))[0]
+    assert built == ["file:///", f"s3://{BUCKET}/?endpoint_override={s3_endpoint}&scheme=http"]
 
 
 # -- a sweep in a bucket ----------------------------------------------------------------
@@ -216,6 +305,14 @@ def test_a_rerun_in_a_bucket_recomputes_nothing(sweeps, s3_endpoint):
     assert after[volumes].mtime > before[volumes].mtime  # rewritten: mtimes do resolve
     tune_runs = {p.split("/tune/")[1].split("/")[0] for p in after if "/tune/" in p}
     assert len(tune_runs) == 1  # nothing trained again
+
+
+def test_a_store_in_a_bucket_builds_one_filesystem(sweeps, built):
+    remote, _ = sweeps
+    store = SweepStore.at(remote.location)  # as an actor or a rerun makes it
+    assert pending_shards(load_spec(SPEC), store) == ([], 6)
+    assert len(store.read_radii()) == 3 * 4
+    assert len(built) == 1 and built[0].startswith(f"s3://{BUCKET}/?endpoint_override=")
 
 
 def test_status_query_and_report_take_a_sweep_uri(sweeps, capsys):

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from volume_ray.curvature import Curvature
 from volume_ray.data.subsets import landscapes_use_extras
 from volume_ray.estimators import VOLUME_COLUMNS, volume_table
-from volume_ray.experiment import gpus_each, with_absolute_root
+from volume_ray.experiment import with_absolute_root
+from volume_ray.ray_process import gpus_each
 from volume_ray.spec import Pair, SweepSpec, load_spec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
 from volume_ray.workers import VolumeWorker, store_problem
@@ -122,19 +123,16 @@ def _trained_pairs(spec: SweepSpec, store: SweepStore) -> list[tuple[Pair, int, 
 
 
 def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int]:
-    """(shards not yet on disk, shards in all) for the models already trained."""
-    rows_per_direction = len(spec.volume.thresholds)
-    written = store.written_shards()
+    """(shards not yet in the store, shards in all) for the models already trained,
+    decided from one listing of the store (`SweepStore.finished_shards`)."""
+    finished = store.finished_shards()
     shards, total = [], 0
     for pair, seed, checkpoint in _trained_pairs(spec, store):
         for start in range(0, spec.volume.directions, spec.volume.shard_size):
             count = min(spec.volume.shard_size, spec.volume.directions - start)
             total += 1
             shard = Shard(pair, seed, checkpoint, start, count)
-            done = store.shard_name(*shard.key) in written and store.shard_is_complete(
-                store.shard_path(*shard.key), count * rows_per_direction
-            )
-            if not done:
+            if store.shard_name(*shard.key) not in finished:
                 shards.append(shard)
     return shards, total
 

@@ -1,7 +1,9 @@
-"""From a validated spec to the concrete pieces: data splits, models, losses.
+"""From a validated spec to the concrete pieces: data splits and models.
 
 Both the training trials and the measuring workers build their data and models here,
-so the two stages can never disagree about what a model id means.
+so the two stages can never disagree about what a model id means. These builders are
+pure (spec in, data or model out): what a Ray trial or actor sets up in its process
+(threads, allocator, device) is `ray_process`'s.
 """
 
 from __future__ import annotations
@@ -11,47 +13,11 @@ import os
 import torch
 from torch import nn
 
-from volume_ray.allocator import keep_freed_memory
 from volume_ray.data import ExperimentData, load_source, split_experiment
 from volume_ray.models import build_model
 from volume_ray.spec import SweepSpec
 
-__all__ = [
-    "assigned_device",
-    "check_runnable",
-    "experiment_data",
-    "gpus_each",
-    "new_model",
-    "configure_process",
-    "with_absolute_root",
-]
-
-
-def configure_process() -> None:
-    """Ray reuses worker processes and torch fixes its thread count at import: set it
-    from OMP_NUM_THREADS (Ray sets it to the CPUs a task or actor holds). Also keep
-    freed memory for reuse (see `allocator`)."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
-    keep_freed_memory()
-
-
-def assigned_device() -> torch.device:
-    """The GPU Ray gave this task or actor, else the CPU: a worker that asked for no
-    GPU must not crowd onto one that happens to be visible."""
-    import ray
-
-    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-
-
-def gpus_each(spec: SweepSpec) -> float:
-    """GPUs per trial or worker: the spec's number, or under "auto" one whole GPU when
-    the cluster has any, else none."""
-    import ray
-
-    wanted = spec.resources.gpus_per_worker
-    if wanted != "auto":
-        return float(wanted)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+__all__ = ["check_runnable", "experiment_data", "new_model", "with_absolute_root"]
 
 
 def with_absolute_root(spec: SweepSpec) -> SweepSpec:

@@ -4,7 +4,8 @@ Layout (DESIGN section 5):
 - `spec.yaml`        the validated spec, as it was run;
 - `models.parquet`   one row per trained model; per-model rows live in `models/` first;
 - `checkpoints/`     one state dict per model (`torch.load(weights_only=True)`);
-- `radii/`           a Parquet dataset, one file per finished shard;
+- `radii/`           a Parquet dataset, one file per finished shard, named by its
+                     directions (`shard_name`);
 - `curvature.parquet` one row per (model, landscape): the Hessian spectrum (DESIGN §7);
                      per-pair rows live in `curvature/` first;
 - `volumes.parquet`  one row per (model, landscape, metric, threshold, estimator);
@@ -20,6 +21,9 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -34,14 +38,20 @@ from volume_ray.locations import (
     is_uri,
     join,
     list_files,
-    locate,
     names_in,
     read_bytes,
+    sizes_in,
     split,
     write_atomic,
 )
 
-__all__ = ["SweepStore", "read_tensors", "write_table"]
+__all__ = ["PARQUET_MIN_BYTES", "SweepStore", "read_tensors", "write_table"]
+
+# The smallest file a Parquet reader can open: the 'PAR1' header, the 4-byte length of
+# the footer and the 'PAR1' trailer. Anything shorter is an empty or cut-off file.
+PARQUET_MIN_BYTES = 12
+SHARD_READERS = 16  # shards read at once by `read_radii`: on S3 each is a round trip
+_SHARD_COUNT = re.compile(r".+__L\d+__d\d+-(\d+)\.parquet")  # the `count` of `shard_name`
 
 
 def read_tensors(location: Location) -> dict:
@@ -160,25 +170,32 @@ class SweepStore:
     def shard_path(self, model_id: str, landscape_size: int, start: int, count: int) -> Location:
         return join(self.radii, self.shard_name(model_id, landscape_size, start, count))
 
-    def shard_is_complete(self, path: Location, rows: int) -> bool:
-        """A readable shard with the rows it should hold. Anything else (missing, a
-        truncated or foreign file) is measured again and atomically replaced."""
-        filesystem, where = locate(path)
-        try:
-            return pq.read_metadata(where, filesystem=filesystem).num_rows == rows
-        except (OSError, pa.ArrowInvalid):
-            return False
-
-    def written_shards(self) -> set[str]:
-        """File names in `radii/`, from one listing: on an object store, looking up
-        10,000 missing shards one by one would cost 10,000 requests."""
-        return names_in(self.radii, ".parquet")
+    def finished_shards(self) -> set[str]:
+        """Names of the finished shard files in `radii/`, from one listing of names and
+        sizes: on an object store, opening 10,000 shards to check them would cost 10,000
+        requests. Shards are written whole (`write_atomic`), so a file under its final
+        name is finished unless it is too small to be Parquet at all (as a copy killed
+        midway may leave): that one is measured again. Damage past that can only come
+        from outside, and `read_radii` names it."""
+        sizes = sizes_in(self.radii, ".parquet")
+        return {name for name, size in sizes.items() if size >= PARQUET_MIN_BYTES}
 
     def read_radii(self) -> pd.DataFrame:
+        """Every shard's rows, each file checked on the way: it must be a readable shard
+        holding one row per direction its name counts and per threshold of the recorded
+        spec. A file that fails says which and how to fix it, never a quiet gap."""
         filesystem, files = list_files(self.radii, ".parquet")
         if not files:
             return pd.DataFrame()
-        return pq.ParquetDataset(files, filesystem=filesystem).read().to_pandas()
+        per_direction = len(self.recorded_spec()["volume"]["thresholds"])
+
+        def read(path: str) -> pa.Table:
+            location = join(self.radii, posixpath.basename(path))
+            return _read_shard(filesystem, path, location, per_direction)
+
+        with ThreadPoolExecutor(SHARD_READERS) as pool:
+            tables = list(pool.map(read, files))
+        return pa.concat_tables(tables, promote_options="default").to_pandas()
 
     # -- curvature ----------------------------------------------------------------------
 
@@ -216,6 +233,36 @@ def _results_part(spec_dict: dict) -> dict:
     volume = {k: v for k, v in part.get("volume", {}).items() if k != "estimators"}
     quadratic = (part.get("curvature") or {}).get("quadratic_radii", False)
     return {**part, "volume": volume, "curvature": {"quadratic_radii": quadratic}}
+
+
+def _read_shard(
+    filesystem: fs.FileSystem, path: str, location: Location, per_direction: int
+) -> pa.Table:
+    """One shard's rows, or a clear error: shards are written whole, so a file that is
+    no shard, cannot be read or holds other rows was damaged or put there from outside."""
+    named = _SHARD_COUNT.fullmatch(posixpath.basename(path))
+    if named is None:
+        raise RuntimeError(
+            f"{location} is not named as a radii shard "
+            "(<model>__L<size>__d<start>-<count>.parquet); move it out of radii/"
+        )
+    try:
+        table = pq.read_table(path, filesystem=filesystem)
+        problem = None
+    except (OSError, pa.ArrowInvalid) as error:
+        problem = f"cannot be read ({error})"
+    rows = int(named[1]) * per_direction
+    if problem is None and table.num_rows != rows:
+        problem = (
+            f"holds {table.num_rows} rows, not the {rows} of {named[1]} directions x "
+            f"{per_direction} thresholds"
+        )
+    if problem:
+        raise RuntimeError(
+            f"the radii shard {location} {problem}: it was damaged or replaced from outside "
+            "the sweep. Delete it; a rerun measures its directions again."
+        )
+    return table
 
 
 def _read_model_row(filesystem: fs.FileSystem, path: str) -> pd.DataFrame:

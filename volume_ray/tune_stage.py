@@ -24,15 +24,10 @@ from pyarrow import fs
 from ray import tune
 from tqdm import tqdm
 
-from volume_ray.experiment import (
-    assigned_device,
-    configure_process,
-    experiment_data,
-    gpus_each,
-    new_model,
-)
+from volume_ray.experiment import experiment_data, new_model
 from volume_ray.locations import join, locate
 from volume_ray.models import count_parameters, loss_for_task
+from volume_ray.ray_process import assigned_device, configure_process, gpus_each
 from volume_ray.spec import SweepSpec, Trial, checkpoint_id, plan_trials
 from volume_ray.store import SweepStore, read_tensors
 from volume_ray.train import TrainConfig, evaluate, save_checkpoint, train

@@ -14,10 +14,11 @@ from ray.util import metrics
 
 from volume_ray.curvature import curvature
 from volume_ray.estimators import laplace_from_curvature
-from volume_ray.experiment import assigned_device, configure_process, experiment_data, new_model
+from volume_ray.experiment import experiment_data, new_model
 from volume_ray.locations import exists
 from volume_ray.measure import RadiusMeter
 from volume_ray.models import loss_for_task
+from volume_ray.ray_process import assigned_device, configure_process
 from volume_ray.spec import SweepSpec
 from volume_ray.store import SweepStore
 
