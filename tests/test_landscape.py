@@ -181,13 +181,20 @@ def test_the_surrogate_is_exact_where_outputs_are_quadratic_in_c(digits):
     assert surrogate(0.0) == pytest.approx(landscape.base_total, rel=1e-5)
 
 
-def test_the_surrogate_interpolates_an_mlp_at_its_scored_points(model, digits, walk):
-    params, directions, coefficients, losses, _ = walk
+@pytest.fixture
+def three_points(model, digits, walk):
+    """A landscape, and direction 1 scored fully there at c = 0.5, 1.0 and 0.75."""
+    directions = walk[1]
     landscape = Landscape(model, *digits, F.cross_entropy)
     full = landscape.score(
         landscape.prepare(directions), [1, 1, 1], [0.5, 1.0, 0.75], np.full(3, INF),
         np.full(3, -INF),
     )  # fmt: skip
+    return landscape, full
+
+
+def test_the_surrogate_interpolates_an_mlp_at_its_scored_points(three_points):
+    landscape, full = three_points
     surrogate = surrogate_through(landscape, zip([0.5, 1.0], full.lower, full.outputs))
     assert surrogate(0.5) == pytest.approx(full.lower[0], rel=1e-5)
     assert surrogate(1.0) == pytest.approx(full.lower[1], rel=1e-5)
@@ -195,15 +202,12 @@ def test_the_surrogate_interpolates_an_mlp_at_its_scored_points(model, digits, w
     assert between != full.lower[2] and between == pytest.approx(full.lower[2], rel=0.05)
 
 
-def test_the_surrogate_rests_on_the_first_two_fully_scored_finite_points(model, digits, walk):
+def test_the_surrogate_rests_on_the_first_two_fully_scored_finite_points(
+    model, digits, three_points
+):
     """Points stopped early (no outputs) or with a NaN sum do not count; a third point
     ends the surrogate, as the search then interpolates scored points alone."""
-    params, directions, coefficients, _, _ = walk
-    landscape = Landscape(model, *digits, F.cross_entropy)
-    full = landscape.score(
-        landscape.prepare(directions), [1, 1, 1], [0.5, 1.0, 0.75], np.full(3, INF),
-        np.full(3, -INF),
-    )  # fmt: skip
+    landscape, full = three_points
     surrogate = landscape.surrogate()
     surrogate.record(0.5, full.lower[0], full.outputs[0])
     assert surrogate(0.6) is None  # one point
