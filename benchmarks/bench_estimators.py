@@ -6,11 +6,18 @@
    prints its estimate, the truth, the error in nats, its 95% interval and whether it
    covers, the ESS, the cost (loss evaluations of the radius walks, Hessian-vector
    products of the curvature) and seconds.
-2. The digits MLP 64-256-256-10 (1,437 samples, trained below 1e-3): paper, typical and
+   `thermodynamic` runs up to --thermodynamic-max-n (default 1,000).
+2. Cross-polytopes {sum a_i |z_i| <= t} (`cross_polytope_basin`), not quadratic: paper,
+   typical and thermodynamic (laplace has no Hessian there).
+3. The digits MLP 64-256-256-10 (1,437 samples, trained below 1e-3): paper, typical and
    laplace side by side, the quadratic radii against the measured ones, and the
    curvature's cost as a multiple of the 500-direction radius walk on the same pair.
+4. A digits MLP small enough for the thermodynamic ladder on this CPU (64-32-10):
+   all four side by side, with their costs in loss evaluations.
+5. The thermodynamic ladder's cost against n, and what it projects for the paper's
+   MNIST MLP (235,146 parameters).
 
-    python benchmarks/bench_estimators.py            # about 5 minutes on 2 cores
+    python benchmarks/bench_estimators.py            # about 25 minutes on 2 cores
     python benchmarks/bench_estimators.py --smoke    # seconds, for CI
 """
 
@@ -23,7 +30,7 @@ import time
 import numpy as np
 import torch.nn.functional as F
 
-from volume_ray.basins import quadratic_basin
+from volume_ray.basins import cross_polytope_basin, quadratic_basin
 from volume_ray.curvature import curvature
 from volume_ray.data import load_source
 from volume_ray.estimators import (
@@ -34,9 +41,12 @@ from volume_ray.estimators import (
 )
 from volume_ray.measure import RadiusMeter
 from volume_ray.models import build_model
+from volume_ray.thermodynamic import thermodynamic_log_volume
 from volume_ray.train import TrainConfig, train
 
 THRESHOLD = 0.1
+MNIST_MLP = 235_146  # parameters of the paper's MNIST MLP
+LADDER_COSTS: list[tuple[str, int, int]] = []  # (basin kind, n, loss evaluations)
 
 
 def radius_estimates(frame, n: int) -> list[tuple[str, EstimateResult]]:
@@ -77,7 +87,27 @@ def header(truth: bool = True) -> None:
     )
 
 
-def known_basins(sizes: list[int], directions: int, probes: int, steps: int) -> None:
+def thermodynamic_row(label, model, x, y, loss_fn, truth, max_coefficient, budget) -> float:
+    """Runs the ladder, prints its row and its cross-checks; returns the estimate."""
+    began = time.perf_counter()
+    result = thermodynamic_log_volume(
+        model, x, y, loss_fn, threshold=THRESHOLD, max_coefficient=max_coefficient, **budget
+    )
+    seconds = time.perf_counter() - began
+    print_row(label, "thermodynamic", result, truth, f"{result.loss_evaluations:,} evals", seconds)
+    print(
+        f"{'':>8} (MBAR; TI {result.thermodynamic_integration:,.1f}, AIS "
+        f"{result.annealed_importance:,.1f}; {len(result.ladder)} rungs, "
+        f"{result.radius_searches:,} radius searches, acceptance "
+        f"{np.round(result.acceptance[1:], 2).tolist()}, fewest effective samples "
+        f"{result.ess:.0f})"
+    )
+    return result
+
+
+def known_basins(
+    sizes: list[int], directions: int, probes: int, steps: int, ladder_max_n: int, budget
+) -> None:
     print(
         f"\n1. Least-squares basins, eigenvalues over 4 decades, T = {THRESHOLD}, "
         f"{directions} directions; curvature {probes} probes x {steps} Lanczos steps"
@@ -112,7 +142,33 @@ def known_basins(sizes: list[int], directions: int, probes: int, steps: int) -> 
             seconds = time.perf_counter() - began
             result = laplace_row(found, n, max_coefficient)
             print_row(n, name, result, truth, f"{p * min(s, n):,} HVPs", seconds)
+        if n <= ladder_max_n:
+            ladder = thermodynamic_row(n, basin.model, basin.x, basin.y, basin.loss_fn, truth,
+                                       max_coefficient, budget)  # fmt: skip
+            LADDER_COSTS.append(("quadratic", n, ladder.loss_evaluations))
         print(f"{'':>8} (basin built in {built:.1f} s; {frame.censored.sum()} censored)")
+
+
+def cross_polytopes(sizes: list[int], directions: int, budget) -> None:
+    print(f"\n2. Cross-polytopes, weights over 4 decades, T = {THRESHOLD}, {directions} directions")
+    header()
+    for n in sizes:
+        basin = cross_polytope_basin(n, seed=0)
+        truth = basin.log_volume(THRESHOLD)
+        longest = n * (THRESHOLD - basin.base_loss) / basin.weights.min()  # along e_i
+        max_coefficient = 1.5 * longest / math.sqrt(n)
+        began = time.perf_counter()
+        meter = RadiusMeter(
+            basin.model, basin.x, basin.y, basin.loss_fn, thresholds=(THRESHOLD,),
+            max_coefficient=max_coefficient,
+        )  # fmt: skip
+        frame = meter.measure(0, directions)
+        walk_seconds = time.perf_counter() - began
+        for name, result in radius_estimates(frame, n):
+            print_row(n, name, result, truth, f"{int(frame.evals.sum()):,} evals", walk_seconds)
+        ladder = thermodynamic_row(n, basin.model, basin.x, basin.y, basin.loss_fn, truth,
+                                   max_coefficient, budget)  # fmt: skip
+        LADDER_COSTS.append(("cross-polytope", n, ladder.loss_evaluations))
 
 
 def digits_network(hidden: list[int], directions: int, probes: int, steps: int) -> None:
@@ -129,7 +185,7 @@ def digits_network(hidden: list[int], directions: int, probes: int, steps: int) 
     n = meter.landscape.params.count
     base = meter.landscape.base_total / meter.landscape.size
     print(
-        f"\n2. Digits MLP {widths} ({n:,} parameters) on {len(x):,} samples, base loss "
+        f"\n3. Digits MLP {widths} ({n:,} parameters) on {len(x):,} samples, base loss "
         f"{base:.2e}, T = {THRESHOLD}, {directions} directions"
     )
     header(truth=False)
@@ -160,16 +216,80 @@ def digits_network(hidden: list[int], directions: int, probes: int, steps: int) 
     )
 
 
+def small_network(
+    hidden: list[int], directions: int, probes: int, steps: int, budget, samples: int | None = None
+) -> None:
+    """All four estimators on a digits MLP small enough for the ladder here, on the
+    first `samples` training samples (None: all)."""
+    source = load_source("digits")
+    x, y = source.x_train[:samples], source.y_train[:samples]
+    model = build_model("mlp", source.input_shape, 10, hidden=hidden, seed=0)
+    train(model, (x, y), None, F.cross_entropy, TrainConfig(lr=1e-2, epochs=3000,
+                                                             target_loss=1e-3))  # fmt: skip
+    widths = "-".join(map(str, [64, *hidden, 10]))
+    began = time.perf_counter()
+    meter = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
+    frame = meter.measure(0, directions)
+    walk_seconds = time.perf_counter() - began
+    n = meter.landscape.params.count
+    print(
+        f"\n4. Digits MLP {widths} ({n:,} parameters) on {len(x):,} samples, T = {THRESHOLD}, "
+        f"{directions} directions"
+    )
+    header(truth=False)
+    rows = radius_estimates(frame, n)
+    for name, result in rows:
+        print_row(n, name, result, None, f"{int(frame.evals.sum()):,} evals", walk_seconds)
+    began = time.perf_counter()
+    found = curvature(model, x, y, F.cross_entropy, probes=probes, lanczos_steps=steps)
+    print_row(n, "laplace", laplace_row(found, n, 1.0), None, f"{probes * steps:,} HVPs",
+              time.perf_counter() - began)  # fmt: skip
+    ladder = thermodynamic_row(n, model, x, y, F.cross_entropy, None, 1.0, budget)
+    LADDER_COSTS.append(("digits MLP", n, ladder.loss_evaluations))
+    for name, result in rows:
+        print(
+            f"{name} sits {result.estimate - ladder.estimate:+,.1f} nats from the thermodynamic "
+            f"value ({(result.estimate - ladder.estimate) / n:+.4f} per parameter)"
+        )
+
+
+def scaling() -> None:
+    """Loss evaluations against n on the quadratic basins, and the projection."""
+    points = [(n, cost) for kind, n, cost in LADDER_COSTS if kind == "quadratic"]
+    print("\n5. Thermodynamic ladder cost against n (quadratic basins)")
+    for n, cost in points:
+        print(f"{n:>8,} parameters: {cost:>12,} loss evaluations ({cost / n:,.0f} per parameter)")
+    if len(points) < 2:
+        return
+    (n0, c0), (n1, c1) = points[0], points[-1]
+    power = math.log(c1 / c0) / math.log(n1 / n0)
+    projected = c1 * (MNIST_MLP / n1) ** power
+    print(
+        f"cost grows as n^{power:.2f}; projected for the MNIST MLP ({MNIST_MLP:,} parameters): "
+        f"{projected:,.3g} loss evaluations, each a forward pass over the landscape set "
+        "(the time per pass on a GPU is issue 17's measurement)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small sizes, for CI")
+    parser.add_argument(
+        "--thermodynamic-max-n", type=int, default=1000, help="largest basin for the ladder"
+    )
     args = parser.parse_args()
     if args.smoke:
-        known_basins([100], directions=50, probes=8, steps=32)
+        small = {"chains": 8, "steps": 4}
+        known_basins([100], directions=50, probes=8, steps=32, ladder_max_n=100, budget=small)
+        cross_polytopes([30], directions=50, budget=small)
         digits_network([32], directions=40, probes=4, steps=16)
     else:
-        known_basins([100, 1000, 10_000], directions=500, probes=32, steps=64)
+        known_basins([100, 1000, 10_000], directions=500, probes=32, steps=64,
+                     ladder_max_n=args.thermodynamic_max_n, budget={})  # fmt: skip
+        cross_polytopes([100, 1000], directions=500, budget={})
         digits_network([256, 256], directions=500, probes=32, steps=64)
+        small_network([32], directions=500, probes=32, steps=64, budget={})
+    scaling()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Glossary (the terms the code uses, defined once):
 - hint: where direction 0 crossed, given to every other walk as its first probe.
 - surrogate: a model of a walk's loss between its scored points (`surrogate`).
 - parallel walks: walks run at once on the CPU, one per thread (`parallel_walks`).
+- ladder: the laws p_k(z) ∝ exp(-k|z|²/2) on a basin, each a rung, from the uniform law
+  of directions down to k = 0, combined into a consistent volume (`thermodynamic`).
 - pair: one trained model measured on one landscape; a shard is a range of its
   directions, measured by one task and stored as one file.
 """

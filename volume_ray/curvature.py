@@ -157,6 +157,18 @@ class HessianOperator:
         with torch.no_grad():
             return sum(share * float(self._loss(zero, x, y)) for x, y, share in self.chunks)
 
+    def gradient(self, points: torch.Tensor) -> torch.Tensor:
+        """∇_z of the mean loss at each row of `points` (B, n), in float64: at a basin's
+        edge, its outward normal."""
+        points = points.to(self.params.flat)
+        total = torch.zeros(points.shape, dtype=torch.float64, device=points.device)
+        group = self.vectors_per_pass
+        for x, y, share in self.chunks:
+            one = grad(lambda z, x=x, y=y: self._loss(z, x, y))
+            for i in range(0, len(points), group):
+                total[i : i + group] += share * self._by_rows(one, points[i : i + group])
+        return total
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H_z v for v of shape (n,) or (B, n), in v's shape, dtype and device."""
         if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2) or v.shape[-1] != self.n:
@@ -177,19 +189,24 @@ class HessianOperator:
         """The chunk-mean loss's H_z v of each row of `vectors`, in float64."""
         zero = torch.zeros_like(self.params.flat)
         product = lambda v: _hvp(lambda z, t: self._loss(z, x, t), zero, v, y)  # noqa: E731
-        if len(vectors) > 1 and self._vmap:
+        return self._by_rows(product, vectors)
+
+    def _by_rows(self, fn: Callable, rows: torch.Tensor) -> torch.Tensor:
+        """fn of each row, in float64: vmapped, or one row per pass where the model or
+        loss cannot be batched (warned once)."""
+        if len(rows) > 1 and self._vmap:
             try:
-                return vmap(product)(vectors).double()
+                return vmap(fn)(rows).double()
             except (RuntimeError, NotImplementedError) as error:
                 warnings.warn(
                     f"this model or loss cannot be batched with torch.func.vmap ({error}); "
-                    "Hessian-vector products run one vector per pass instead (slower)",
+                    "its derivatives are taken one vector per pass instead (slower)",
                     RuntimeWarning,
                     stacklevel=4,
                 )
                 self._vmap = False
         try:
-            return torch.stack([product(v) for v in vectors]).double()
+            return torch.stack([fn(row) for row in rows]).double()
         except (RuntimeError, NotImplementedError, TypeError) as error:
             raise ValueError(
                 "model and loss_fn must be twice differentiable: torch.func.jvp over "

@@ -254,6 +254,30 @@ class RadiusMeter:
             records.extend(rows)
         return pd.DataFrame.from_records(records)
 
+    def crossings_along(
+        self, raw: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Along given raw directions g (B, n), walked as `measure` walks seeded ones:
+        coefficients, censored and nonfinite flags, each (B, thresholds), and the loss
+        evaluations per direction (B,). A thermodynamic ladder asks for crossings along
+        the directions its chains propose."""
+        raw = raw.to(self.landscape.params.flat)
+
+        def walk(k: int, part: range) -> list:
+            searches, evals, _ = self._search(
+                self._landscapes[k], self.to_norm(raw[part]), self.hints
+            )
+            return [(search.crossings(), count) for search, count in zip(searches, evals)]
+
+        found = []
+        for first in range(0, len(raw), self.block):
+            parts = _split(range(first, min(first + self.block, len(raw))), self._walks.count)
+            found += [row for rows in self._walks.map(walk, parts) for row in rows]
+        coefficient = np.array([[c.coefficient for c in row] for row, _ in found])
+        censored = np.array([[c.censored for c in row] for row, _ in found])
+        nonfinite = np.array([[c.nonfinite for c in row] for row, _ in found])
+        return coefficient, censored, nonfinite, np.array([count for _, count in found])
+
     def _quadratic_radii(self, indices: Sequence[int]) -> np.ndarray:
         """(directions, thresholds): |g|*sqrt(2(T - L*)/dᵀHd), the crossing of the
         quadratic model of the loss; inf where it never crosses, 0 where T <= L*. Computed

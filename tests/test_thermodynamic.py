@@ -1,0 +1,120 @@
+"""The thermodynamic volume against basins of known volume, with the real radius search
+and loss gradients, and its refusals of bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from volume_ray.basins import quadratic_basin
+from volume_ray.polar import UNIFORM
+from volume_ray.thermodynamic import thermodynamic_log_volume
+
+THRESHOLD = 0.1
+
+
+def cap_above(basin):
+    """max_coefficient whose cap, max_coefficient·√n, lies past the basin's longest
+    radius, so that B is the whole basin and its closed form holds."""
+    gap, n = THRESHOLD - basin.base_loss, basin.n_params
+    return 1.5 * math.sqrt(2 * gap / basin.eigenvalues.min()) / math.sqrt(n)
+
+
+def measured(basin, **kwargs):
+    return thermodynamic_log_volume(
+        basin.model, basin.x, basin.y, basin.loss_fn, threshold=THRESHOLD,
+        max_coefficient=cap_above(basin), **kwargs,
+    )  # fmt: skip
+
+
+def test_the_volume_of_an_ellipsoid_at_n_100_is_within_3_nats_and_covered():
+    """Eigenvalues over 4 decades. (The cross-polytope's ladder is slower and biased by
+    about 2.5 nats at n = 50: `benchmarks/bench_estimators.py` measures it.)"""
+    basin = quadratic_basin(100, seed=0)
+    truth = basin.log_volume(THRESHOLD)
+    result = measured(basin, seed=1)
+    assert abs(result.estimate - truth) <= 3
+    assert result.ci_valid and result.ci_low <= truth <= result.ci_high
+    # the cross-checks along the same ladder
+    assert abs(result.annealed_importance - truth) <= 3
+    assert abs(result.thermodynamic_integration - truth) <= 5
+    assert result.ladder[0] == UNIFORM and result.ladder[-1] == 0
+    assert len(result.acceptance) == len(result.ladder) == len(result.effective_samples)
+    assert np.all(result.acceptance[1:] > 0.2) and np.all(result.inefficiency >= 1)
+    assert result.loss_evaluations > result.radius_searches > 0
+
+
+def test_the_volume_of_an_ellipsoid_at_n_1000_is_within_5_nats():
+    """(Its interval missed the truth by about 1 nat on this seed: it does not yet see a
+    lagging ladder; docs/thermodynamic.md.)"""
+    basin = quadratic_basin(1000, seed=0)
+    truth = basin.log_volume(THRESHOLD)
+    result = measured(basin, seed=2)
+    assert abs(result.estimate - truth) <= 5
+    assert abs(result.annealed_importance - truth) <= 5
+
+
+def test_a_ball_is_measured_exactly():
+    """decades = 0: every direction has the same radius, the ladder goes straight to 0."""
+    basin = quadratic_basin(50, decades=0.0, seed=2)
+    result = measured(basin, chains=8, steps=4)
+    assert result.estimate == pytest.approx(basin.log_volume(THRESHOLD), abs=0.01)
+    assert list(result.ladder) == [UNIFORM, 0.0]
+
+
+def test_a_fixed_ladder_has_the_rungs_asked_for():
+    basin = quadratic_basin(40, seed=3)
+    result = measured(basin, rungs=5, chains=16, steps=10)
+    assert len(result.ladder) == 5 and result.ladder[0] == UNIFORM and result.ladder[-1] == 0
+    assert np.all(np.diff(result.ladder[1:]) < 0)
+    assert abs(result.estimate - basin.log_volume(THRESHOLD)) <= 3
+
+
+def test_the_callers_model_is_left_as_it_was():
+    basin = quadratic_basin(30, seed=4)
+    basin.model.train()
+    before = basin.model.weight.detach().clone()
+    measured(basin, chains=8, steps=4)
+    assert torch.equal(basin.model.weight, before) and basin.model.training
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"threshold": 0.0}, "threshold must lie above the loss at the trained weights"),
+        ({"rungs": 1}, "rungs must be None or an integer >= 2"),
+        ({"chains": 0}, "chains must be None or an integer >= 4"),
+        ({"steps": 1}, "steps must be None or an integer >= 2"),
+        ({"threshold": math.nan}, "threshold must be a finite number"),
+        ({"filter_norm": "li2018"}, "no fixed coordinate scale"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    basin = quadratic_basin(10, seed=5)
+    arguments = {"threshold": THRESHOLD, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        thermodynamic_log_volume(basin.model, basin.x, basin.y, basin.loss_fn, **arguments)
+
+
+def test_a_basin_with_a_non_finite_loss_inside_is_refused():
+    """The loss turns NaN past half the basin's smallest radius: inside B."""
+    basin = quadratic_basin(10, decades=0.0, seed=6)
+    radius = math.sqrt(2 * THRESHOLD / basin.eigenvalues.min())
+    w_star = basin.model.weight.detach().clone()
+
+    class Guarded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = basin.model
+
+        def forward(self, x):
+            out = self.inner(x)
+            far = (self.inner.weight - w_star).norm() > radius / 2
+            return torch.where(far, torch.full_like(out, math.nan), out)
+
+    with pytest.raises(ValueError, match="non-finite loss inside the basin"):
+        thermodynamic_log_volume(
+            Guarded(), basin.x, basin.y, F.mse_loss, threshold=THRESHOLD, chains=4, steps=2
+        )
