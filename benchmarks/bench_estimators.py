@@ -171,17 +171,25 @@ def cross_polytopes(sizes: list[int], directions: int, budget) -> None:
         LADDER_COSTS.append(("cross-polytope", n, ladder.loss_evaluations))
 
 
-def digits_network(hidden: list[int], directions: int, probes: int, steps: int) -> None:
+def walked_digits_mlp(hidden: list[int], directions: int, lr: float, samples: int | None):
+    """A digits MLP trained below 1e-3 on the first `samples` training samples (None:
+    all), and its radius walk: (model, x, y, widths, meter, radii, seconds)."""
     source = load_source("digits")
-    x, y = source.x_train, source.y_train
+    x, y = source.x_train[:samples], source.y_train[:samples]
     model = build_model("mlp", source.input_shape, 10, hidden=hidden, seed=0)
-    train(model, (x, y), None, F.cross_entropy, TrainConfig(lr=1e-3, epochs=3000,
+    train(model, (x, y), None, F.cross_entropy, TrainConfig(lr=lr, epochs=3000,
                                                              target_loss=1e-3))  # fmt: skip
     widths = "-".join(map(str, [64, *hidden, 10]))
     began = time.perf_counter()
     meter = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
     frame = meter.measure(0, directions)
-    walk_seconds = time.perf_counter() - began
+    return model, x, y, widths, meter, frame, time.perf_counter() - began
+
+
+def digits_network(hidden: list[int], directions: int, probes: int, steps: int) -> None:
+    model, x, y, widths, meter, frame, walk_seconds = walked_digits_mlp(
+        hidden, directions, lr=1e-3, samples=None
+    )
     n = meter.landscape.params.count
     base = meter.landscape.base_total / meter.landscape.size
     print(
@@ -221,16 +229,9 @@ def small_network(
 ) -> None:
     """All four estimators on a digits MLP small enough for the ladder here, on the
     first `samples` training samples (None: all)."""
-    source = load_source("digits")
-    x, y = source.x_train[:samples], source.y_train[:samples]
-    model = build_model("mlp", source.input_shape, 10, hidden=hidden, seed=0)
-    train(model, (x, y), None, F.cross_entropy, TrainConfig(lr=1e-2, epochs=3000,
-                                                             target_loss=1e-3))  # fmt: skip
-    widths = "-".join(map(str, [64, *hidden, 10]))
-    began = time.perf_counter()
-    meter = RadiusMeter(model, x, y, F.cross_entropy, thresholds=(THRESHOLD,))
-    frame = meter.measure(0, directions)
-    walk_seconds = time.perf_counter() - began
+    model, x, y, widths, meter, frame, walk_seconds = walked_digits_mlp(
+        hidden, directions, lr=1e-2, samples=samples
+    )
     n = meter.landscape.params.count
     print(
         f"\n4. Digits MLP {widths} ({n:,} parameters) on {len(x):,} samples, T = {THRESHOLD}, "
