@@ -281,7 +281,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         small = {"chains": 8, "steps": 4}
-        known_basins([100], directions=50, probes=8, steps=32, ladder_max_n=100, budget=small)
+        known_basins([100], directions=50, probes=8, steps=32, ladder_max_n=0, budget=small)
         cross_polytopes([30], directions=50, budget=small)
         digits_network([32], directions=40, probes=4, steps=16)
     else:

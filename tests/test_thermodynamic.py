@@ -39,7 +39,10 @@ def test_the_volume_of_an_ellipsoid_at_n_100_is_within_3_nats_and_covered():
     assert result.ci_valid and result.ci_low <= truth <= result.ci_high
     # the cross-checks along the same ladder
     assert abs(result.annealed_importance - truth) <= 3
-    assert abs(result.thermodynamic_integration - truth) <= 5
+    if len(result.ladder) > 2:  # TI needs a restraint between the ends to integrate over
+        assert abs(result.thermodynamic_integration - truth) <= 5
+    else:
+        assert math.isnan(result.thermodynamic_integration)
     assert result.ladder[0] == UNIFORM and result.ladder[-1] == 0
     assert len(result.acceptance) == len(result.ladder) == len(result.effective_samples)
     assert np.all(result.acceptance[1:] > 0.2) and np.all(result.inefficiency >= 1)

@@ -44,6 +44,7 @@ from volume_ray.polar import (
     mean_square_radius,
     rung_potentials,
 )
+from volume_ray.search import DEFAULT_RTOL
 from volume_ray.whitening import whiten
 
 _pymbar_log = logging.getLogger("pymbar")
@@ -64,8 +65,8 @@ CESS_TARGET = 0.5  # a new rung where the chains' conditional ESS would fall to 
 MAX_RUNGS = 2000  # an adaptive ladder longer than this means the basin is out of reach
 ACCEPTANCE = 0.65  # the acceptance rate the step size is steered to during burn-in
 FIRST_STEP_SIZE = 0.1  # leapfrog step size in whitened Gaussian units, at the first rung
-WHITENING_ITERATIONS = 4
-WHITENING_DIRECTIONS = 10  # uniform directions per iteration, per parameter,
+WHITENING_ITERATIONS = 6
+WHITENING_DIRECTIONS = 50  # uniform directions per iteration, per parameter,
 MAX_WHITENING_DIRECTIONS = 20_000  # up to this many
 GROUPS = 4  # chain groups whose MBAR estimates give the chain-to-chain spread
 Z = 1.959963984540054  # two-sided 95% normal quantile
@@ -120,8 +121,9 @@ def thermodynamic_log_volume(
     `threshold`, with r capped at max_coefficient·√n as `measure_radii` caps it.
 
     `rungs` fixes the ladder's length (None: placed adaptively); `chains` run side by
-    side, `steps` moves each per rung. The interval adds MBAR's uncertainty to the
-    spread between GROUPS groups of chains. The caller's model is left as it was.
+    side, `steps` moves each per rung. The standard error adds MBAR's uncertainty to
+    the spread between GROUPS groups of chains; the interval also carries the radius
+    search's precision, n·rtol. The caller's model is left as it was.
     """
     check(ARGUMENT_RULES, locals())
     chains, steps = chains or CHAINS, steps or STEPS
@@ -327,11 +329,14 @@ class _Ladder:
         inefficiency = np.array([_inefficiency(trace) for trace in self.samples])
         effective = self.chains * self.kept / inefficiency
         valid = math.isfinite(stderr)
+        # each radius is known to a relative DEFAULT_RTOL (its bracket), so the log
+        # volume to n times that, whatever the sampling: the interval carries it too
+        half_width = Z * stderr + self.n * DEFAULT_RTOL
         return ThermodynamicResult(
             estimate=estimate,
             stderr=stderr,
-            ci_low=estimate - Z * stderr if valid else math.nan,
-            ci_high=estimate + Z * stderr if valid else math.nan,
+            ci_low=estimate - half_width if valid else math.nan,
+            ci_high=estimate + half_width if valid else math.nan,
             ess=float(effective.min()),
             ci_valid=valid,
             thermodynamic_integration=_integrated(self.ladder, self.samples, self.n),
