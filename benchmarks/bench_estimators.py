@@ -105,6 +105,21 @@ def thermodynamic_row(label, model, x, y, loss_fn, truth, max_coefficient, budge
     return result
 
 
+def radius_rows(basin, truth: float, max_coefficient: float, directions: int):
+    """The radius walk on a basin and the paper and typical rows it gives; its radii."""
+    n = basin.n_params
+    began = time.perf_counter()
+    meter = RadiusMeter(
+        basin.model, basin.x, basin.y, basin.loss_fn, thresholds=(THRESHOLD,),
+        max_coefficient=max_coefficient,
+    )  # fmt: skip
+    frame = meter.measure(0, directions)
+    seconds = time.perf_counter() - began
+    for name, result in radius_estimates(frame, n):
+        print_row(n, name, result, truth, f"{int(frame.evals.sum()):,} evals", seconds)
+    return frame
+
+
 def known_basins(
     sizes: list[int], directions: int, probes: int, steps: int, ladder_max_n: int, budget
 ) -> None:
@@ -121,16 +136,7 @@ def known_basins(
         # a cap past the longest radius, so that no direction is censored
         longest = math.sqrt(2 * (THRESHOLD - basin.base_loss) / basin.eigenvalues.min())
         max_coefficient = 2 * longest / math.sqrt(n)
-        began = time.perf_counter()
-        meter = RadiusMeter(
-            basin.model, basin.x, basin.y, basin.loss_fn, thresholds=(THRESHOLD,),
-            max_coefficient=max_coefficient,
-        )  # fmt: skip
-        frame = meter.measure(0, directions)
-        walk_seconds = time.perf_counter() - began
-        evals = f"{int(frame.evals.sum()):,} evals"
-        for name, result in radius_estimates(frame, n):
-            print_row(n, name, result, truth, evals, walk_seconds)
+        frame = radius_rows(basin, truth, max_coefficient, directions)
         budgets = [("laplace", probes, steps)]
         if n <= 1000:
             budgets.append(("laplace exact", 2, n))  # Lanczos spans the whole space
@@ -157,15 +163,7 @@ def cross_polytopes(sizes: list[int], directions: int, budget) -> None:
         truth = basin.log_volume(THRESHOLD)
         longest = n * (THRESHOLD - basin.base_loss) / basin.weights.min()  # along e_i
         max_coefficient = 1.5 * longest / math.sqrt(n)
-        began = time.perf_counter()
-        meter = RadiusMeter(
-            basin.model, basin.x, basin.y, basin.loss_fn, thresholds=(THRESHOLD,),
-            max_coefficient=max_coefficient,
-        )  # fmt: skip
-        frame = meter.measure(0, directions)
-        walk_seconds = time.perf_counter() - began
-        for name, result in radius_estimates(frame, n):
-            print_row(n, name, result, truth, f"{int(frame.evals.sum()):,} evals", walk_seconds)
+        radius_rows(basin, truth, max_coefficient, directions)
         ladder = thermodynamic_row(n, basin.model, basin.x, basin.y, basin.loss_fn, truth,
                                    max_coefficient, budget)  # fmt: skip
         LADDER_COSTS.append(("cross-polytope", n, ladder.loss_evaluations))
