@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -240,13 +240,9 @@ class RadiusMeter:
         """Rows of directions start .. start+num_directions-1, as `measure_radii`."""
         check_int("num_directions", num_directions, minimum=1)
         check_int("start", start, minimum=0)
-        stop = start + num_directions
         records = []
-        for first in range(start, stop, self.block):
-            block = range(first, min(first + self.block, stop))
-            parts = _split(block, self._walks.count)
-            walked = self._walks.map(lambda k, part: self._walk(self._landscapes[k], part), parts)
-            rows = [record for part in walked for record in part]  # direction, then threshold
+        walk = lambda k, part: self._walk(self._landscapes[k], part)  # noqa: E731
+        for block, rows in self._in_blocks(range(start, start + num_directions), walk):
             if self._hessian is not None:
                 quadratic = self._quadratic_radii(block).reshape(-1)
                 for record, value in zip(rows, quadratic, strict=True):
@@ -269,14 +265,19 @@ class RadiusMeter:
             )
             return [(search.crossings(), count) for search, count in zip(searches, evals)]
 
-        found = []
-        for first in range(0, len(raw), self.block):
-            parts = _split(range(first, min(first + self.block, len(raw))), self._walks.count)
-            found += [row for rows in self._walks.map(walk, parts) for row in rows]
+        found = [row for _, rows in self._in_blocks(range(len(raw)), walk) for row in rows]
         coefficient = np.array([[c.coefficient for c in row] for row, _ in found])
         censored = np.array([[c.censored for c in row] for row, _ in found])
         nonfinite = np.array([[c.nonfinite for c in row] for row, _ in found])
         return coefficient, censored, nonfinite, np.array([count for _, count in found])
+
+    def _in_blocks(self, items: range, walk: Callable) -> Iterator[tuple[range, list]]:
+        """Each block of `items` (at most `block` directions, for memory) and the rows
+        `walk(k, part)` gives for it, its parts on the parallel walks, in order."""
+        for first in range(items.start, items.stop, self.block):
+            block = range(first, min(first + self.block, items.stop))
+            walked = self._walks.map(walk, _split(block, self._walks.count))
+            yield block, [row for part in walked for row in part]
 
     def _quadratic_radii(self, indices: Sequence[int]) -> np.ndarray:
         """(directions, thresholds): |g|*sqrt(2(T - L*)/dᵀHd), the crossing of the
