@@ -1,11 +1,13 @@
 """Stages B and C: dispatch measuring tasks to VolumeWorker actors, write each finished
-task's rows atomically, then aggregate the radii (and curvature) into volumes.
+task's rows atomically, then aggregate the radii (curvature, ladders) into volumes.
 
 The driver only moves work and results: which tasks exist, which are done, who
-measures what next. A task is a shard of directions of one (model, landscape) pair, or
-that pair's curvature. Every model is measured with the same direction seeds, and a
-task's result depends only on (model, landscape, settings), so retries and reruns
-reproduce it exactly.
+measures what next. A task is a shard of directions of one (model, landscape) pair,
+that pair's curvature, or a step of one of its restraint ladders (`ladder_tasks`).
+Every task has `pair`, `submit(actor)`, `write(store, result)` and `following(result)`,
+the tasks its result makes ready (a ladder's next rung). Every model is measured with
+the same direction seeds, and a task's result depends only on (model, landscape,
+settings), so retries and reruns reproduce it exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from volume_ray.curvature import Curvature
 from volume_ray.data.subsets import landscapes_use_extras
 from volume_ray.estimators import VOLUME_COLUMNS, volume_table
 from volume_ray.experiment import with_absolute_root
+from volume_ray.ladder_tasks import ladder_estimates, pending_ladders
 from volume_ray.ray_process import gpus_each
 from volume_ray.spec import Pair, SweepSpec, load_spec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
@@ -41,6 +44,7 @@ __all__ = [
     "pending_curvature",
     "pending_shards",
     "run_sweep",
+    "trained_pairs",
 ]
 
 VOLUME_TABLE_COLUMNS = ["model_id", "landscape_size", *VOLUME_COLUMNS]
@@ -79,6 +83,9 @@ class Shard:
         metadata = {f"volume_ray.{k}": str(v) for k, v in facts.items()}
         write_table(frame, store.shard_path(*self.key), metadata=metadata)
 
+    def following(self, result: tuple[dict, dict]) -> list:
+        return []
+
 
 @dataclass(frozen=True)
 class CurvatureTask:
@@ -99,6 +106,9 @@ class CurvatureTask:
         keys = {"model_id": self.pair.model_id, "landscape_size": self.pair.landscape_size}
         store.write_curvature_row({**keys, **result}, self.settings)
 
+    def following(self, result: dict) -> list:
+        return []
+
 
 def curvature_settings(spec: SweepSpec) -> str:
     """The curvature budget in a file name: rows of another budget are other rows."""
@@ -106,7 +116,7 @@ def curvature_settings(spec: SweepSpec) -> str:
     return f"p{c.probes}-m{c.lanczos_steps}-k{c.top_k}-s{c.seed}"
 
 
-def _trained_pairs(spec: SweepSpec, store: SweepStore) -> list[tuple[Pair, int, str]]:
+def trained_pairs(spec: SweepSpec, store: SweepStore) -> list[tuple[Pair, int, str]]:
     """(pair, training seed, checkpoint) of every pair whose model is trained."""
     models = store.finished_models()
     if models.empty:
@@ -127,7 +137,7 @@ def pending_shards(spec: SweepSpec, store: SweepStore) -> tuple[list[Shard], int
     decided from one listing of the store (`SweepStore.finished_shards`)."""
     finished = store.finished_shards()
     shards, total = [], 0
-    for pair, seed, checkpoint in _trained_pairs(spec, store):
+    for pair, seed, checkpoint in trained_pairs(spec, store):
         for start in range(0, spec.volume.directions, spec.volume.shard_size):
             count = min(spec.volume.shard_size, spec.volume.directions - start)
             total += 1
@@ -143,7 +153,7 @@ def pending_curvature(spec: SweepSpec, store: SweepStore) -> tuple[list[Curvatur
     if not spec.curvature.enabled:
         return [], 0
     written, settings = store.written_curvature(), curvature_settings(spec)
-    pairs = _trained_pairs(spec, store)
+    pairs = trained_pairs(spec, store)
     tasks = [
         CurvatureTask(pair, seed, checkpoint, settings)
         for pair, seed, checkpoint in pairs
@@ -167,26 +177,29 @@ def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
 
 @dataclass(frozen=True)
 class MeasureStats:
-    """What one measuring stage did: tasks run (shards, then curvature tasks), seconds
-    until the first actor was ready (process start, imports, data), seconds spent
-    measuring, and tasks re-queued."""
+    """What one measuring stage did: tasks run (shards, curvature tasks, ladder tasks),
+    seconds until the first actor was ready (process start, imports, data), seconds
+    spent measuring, and tasks re-queued."""
 
     shards: int
     startup_seconds: float
     measure_seconds: float
     requeued: int = 0  # tasks whose actor was lost, run again by another
     curvature: int = 0
+    ladder_tasks: int = 0  # whitening and rung tasks
 
 
 def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) -> MeasureStats:
-    """Run every shard and curvature task not yet on disk, on one pool of actors; an
-    actor takes the next task of the pair it holds (a pair's curvature task first)."""
+    """Run every shard, curvature task and ladder not yet on disk, on one pool of
+    actors; an actor takes the next task of the pair it holds (a pair's curvature task
+    first, then its ladders' steps, then its shards)."""
     shards, _ = pending_shards(spec, store)
     curvature, _ = pending_curvature(spec, store)
-    if not shards and not curvature:
+    ladders, _ = pending_ladders(spec, store, trained_pairs(spec, store))
+    if not shards and not curvature and not ladders:
         return MeasureStats(0, 0.0, 0.0)
     began = time.perf_counter()
-    count, cpus, gpus = _worker_count(spec, len(shards) + len(curvature))
+    count, cpus, gpus = _worker_count(spec, len(shards) + len(curvature) + len(ladders))
     # The spec is small enough to travel inline with each actor's creation, so a
     # restarted actor never depends on an object that could be evicted.
     spec_dict = spec.model_dump(mode="json")
@@ -198,21 +211,22 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
                     name=f"volume_worker:{spec.name}:{i}", num_cpus=cpus, num_gpus=gpus
                 ).remote(spec_dict, store.location)
             )
-        startup, measuring, requeued = _dispatch(
-            store, [*curvature, *shards], actors, began, progress
+        startup, measuring, requeued, done = _dispatch(
+            store, [*curvature, *ladders, *shards], actors, began, progress
         )
-        return MeasureStats(len(shards), startup, measuring, requeued, len(curvature))
+        ladder_tasks = done - len(shards) - len(curvature)
+        return MeasureStats(len(shards), startup, measuring, requeued, len(curvature), ladder_tasks)
     finally:
         for actor in actors:
             ray.kill(actor)
 
 
 def _dispatch(
-    store: SweepStore, tasks: list[Shard | CurvatureTask], actors: list, began: float,
-    progress: bool,
-) -> tuple[float, float, int]:  # fmt: skip
-    """Keep every live actor busy until every task is written; return the seconds until
-    work started, the seconds of work, and how many tasks were re-queued.
+    store: SweepStore, tasks: list, actors: list, began: float, progress: bool
+) -> tuple[float, float, int, int]:
+    """Keep every live actor busy until every task, and every task that a finished one
+    makes ready, is written; return the seconds until work started, the seconds of
+    work, how many tasks were re-queued, and how many were done.
 
     Work starts once every actor has answered its first ping, or START_GRACE_S after the
     first one did: an autoscaler may bring the others' nodes minutes later, or never,
@@ -227,7 +241,7 @@ def _dispatch(
     waiting: dict[Pair, deque] = {}  # per pair, in order: an actor keeps its pair
     for task in tasks:
         waiting.setdefault(task.pair, deque()).append(task)
-    running: dict[ray.ObjectRef, tuple[int, Shard | CurvatureTask]] = {}  # with their actor
+    running: dict[ray.ObjectRef, tuple[int, object]] = {}  # tasks, with their actor
     pings = {actor.pid.remote(): i for i, actor in enumerate(actors)}  # actor: answers when up
     idle: list[int] = []
     last_pair: dict[int, Pair] = {}
@@ -243,7 +257,7 @@ def _dispatch(
         running[task.submit(actors[actor])] = (actor, task)
 
     bar = tqdm(total=len(tasks), unit="task", desc="measuring", disable=not progress)
-    requeued, lost_for_good = 0, None
+    requeued, done_count, lost_for_good = 0, 0, None
     try:
         while waiting or running:
             held = starting and (first_up is None or time.perf_counter() - first_up < START_GRACE_S)
@@ -283,13 +297,17 @@ def _dispatch(
                 pings[actors[actor].pid.remote()] = actor  # back to work once restarted
                 continue
             task.write(store, result)
+            for follower in reversed(task.following(result)):  # its pair's next, first
+                waiting.setdefault(follower.pair, deque()).appendleft(follower)
+                bar.total += 1
             bar.update(1)
+            done_count += 1
             idle.append(actor)
     finally:
         bar.close()
     if requeued:
         log.warning("re-queued %d task(s) of lost measuring actors; all done", requeued)
-    return ready - began, time.perf_counter() - ready, requeued
+    return ready - began, time.perf_counter() - ready, requeued, done_count
 
 
 def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
@@ -302,17 +320,19 @@ def aggregate_stage(spec: SweepSpec, store: SweepStore) -> pd.DataFrame:
     if radii.empty:
         volumes = pd.DataFrame(columns=VOLUME_TABLE_COLUMNS)
     else:
-        n_params = dict(zip(models.model_id, models.n_params))
+        n_params = {m: int(n) for m, n in zip(models.model_id, models.n_params)}
+        ladders = ladder_estimates(spec, store, trained_pairs(spec, store), n_params)
         v = spec.volume
         frames = []
         for (model_id, size), group in radii.groupby(["model_id", "landscape_size"], sort=True):
-            spectrum = spectra.get((model_id, size))
-            estimators = [e for e in v.estimators if e != "laplace" or spectrum is not None]
-            if len(estimators) < len(v.estimators):
-                log.warning("no curvature for %s in landscape %d: no laplace row", model_id, size)
+            spectrum, ladder = spectra.get((model_id, size)), ladders.get((model_id, size))
+            missing = {"laplace": spectrum is None, "thermodynamic": ladder is None}
+            estimators = [e for e in v.estimators if not missing.get(e)]
+            for name in set(v.estimators) - set(estimators):
+                log.warning("no %s row for %s in landscape %d: not computed", name, model_id, size)
             table = volume_table(
-                group, int(n_params[model_id]), estimators=estimators, curvature=spectrum,
-                max_coefficient=v.max_coefficient, seed=v.seed,
+                group, n_params[model_id], estimators=estimators, curvature=spectrum,
+                thermodynamic=ladder, max_coefficient=v.max_coefficient, seed=v.seed,
             )  # fmt: skip
             table.insert(0, "model_id", model_id)
             table.insert(1, "landscape_size", size)

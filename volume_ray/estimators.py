@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 RADII_ESTIMATORS = ("paper", "censored_lower_bound", "typical")
-ESTIMATORS = (*RADII_ESTIMATORS, "laplace")
+ESTIMATORS = (*RADII_ESTIMATORS, "laplace", "thermodynamic")
 DEFAULT_ESTIMATORS = ("paper", "typical")
 MIN_ESS = 10  # below this many effective directions a resampling interval means nothing
 DEFAULT_RESAMPLES = 1000
@@ -356,6 +356,7 @@ def volume_table(
     *,
     estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     curvature: SpectrumLike | None = None,
+    thermodynamic: Mapping[float, EstimateResult] | None = None,
     max_coefficient: float = 1.0,
     num_resamples: int = DEFAULT_RESAMPLES,
     confidence: float = DEFAULT_CONFIDENCE,
@@ -364,13 +365,18 @@ def volume_table(
     """One row per (metric, threshold, estimator) of a `measure_radii` table.
 
     `laplace` needs the landscape's `curvature` and a loss metric (see
-    `laplace_from_curvature`).
+    `laplace_from_curvature`); `thermodynamic` takes its estimates per threshold from
+    the ladders (`thermodynamic_log_volume`; a threshold without one gets NaN).
     """
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown or not estimators:
         raise ValueError(f"estimators must be a non-empty subset of {ESTIMATORS}, got {unknown}")
     if "laplace" in estimators and curvature is None:
         raise ValueError("the laplace estimator needs the landscape's curvature; pass curvature")
+    if "thermodynamic" in estimators and thermodynamic is None:
+        raise ValueError(
+            "the thermodynamic estimator needs the ladders' estimates; pass thermodynamic"
+        )
     rows = []
     for (metric, threshold), group in radii.groupby(["metric", "threshold"], sort=True):
         crossed = group.loc[~group.censored, "radius"].to_numpy()
@@ -386,9 +392,11 @@ def volume_table(
         }
         for estimator in estimators:
             floor = math.nan
-            if estimator == "laplace":
-                if metric != "loss":
-                    raise ValueError("the laplace estimator needs metric 'loss'")
+            if estimator in ("laplace", "thermodynamic") and metric != "loss":
+                raise ValueError(f"the {estimator} estimator needs metric 'loss'")
+            if estimator == "thermodynamic":
+                result = thermodynamic.get(threshold, NO_ESTIMATE)
+            elif estimator == "laplace":
                 result, floor = laplace_from_curvature(
                     curvature, threshold, max_coefficient, confidence=confidence
                 )

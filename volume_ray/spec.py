@@ -29,6 +29,7 @@ from volume_ray.landscape import METRICS
 from volume_ray.measure import SEARCHES
 from volume_ray.models import MODELS
 from volume_ray.search import DEFAULT_RTOL, MIN_RTOL
+from volume_ray.thermodynamic import CHAINS, GROUPS, STEPS
 from volume_ray.train import OPTIMIZERS
 
 __all__ = [
@@ -165,6 +166,19 @@ class CurvatureSpec(_Strict):
     quadratic_radii: bool = False
 
 
+class ThermodynamicSpec(_Strict):
+    """The consistent volume (estimator `thermodynamic`, on when volume.estimators
+    names it): one restraint ladder per (model, landscape, threshold), whitened first,
+    then run rung after rung on the measuring actors (`thermodynamic_log_volume`)."""
+
+    rungs: Annotated[int, Field(ge=2)] | None = None  # None: placed adaptively
+    chains: Annotated[int, Field(ge=GROUPS)] = CHAINS  # GROUPS at least: the spread
+    steps: Annotated[int, Field(ge=2)] = STEPS
+    # uniform directions per whitening iteration; None: 50 per parameter, up to 20,000
+    whitening_directions: PositiveInt | None = None
+    seed: NonNegativeInt = 0
+
+
 class ResourcesSpec(_Strict):
     workers: PositiveInt | Literal["auto"] = "auto"
     gpus_per_worker: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = "auto"
@@ -178,6 +192,7 @@ class SweepSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     volume: VolumeSpec = Field(default_factory=VolumeSpec)
     curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
+    thermodynamic: ThermodynamicSpec = Field(default_factory=ThermodynamicSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @model_validator(mode="before")
@@ -206,6 +221,12 @@ class SweepSpec(_Strict):
             raise ValueError(
                 "curvature: the Hessian is of the loss, so it needs volume.metric: loss; "
                 "set curvature.enabled and curvature.quadratic_radii to false"
+            )
+        if "thermodynamic" in v.estimators and (v.metric != "loss" or v.filter_norm == "li2018"):
+            raise ValueError(
+                "volume.estimators: thermodynamic moves along the loss's gradient in the "
+                "radii's fixed coordinates, so it needs volume.metric: loss and "
+                "volume.filter_norm paper or none; drop thermodynamic otherwise"
             )
         if c.enabled and v.filter_norm == "li2018":
             raise ValueError(

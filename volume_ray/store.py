@@ -8,6 +8,8 @@ Layout (DESIGN section 5):
                      directions (`shard_name`);
 - `curvature.parquet` one row per (model, landscape): the Hessian spectrum (DESIGN §7);
                      per-pair rows live in `curvature/` first;
+- `thermodynamic/`   per (model, landscape, threshold) restraint ladder: its whitening
+                     and one file per finished rung (`ladder_name`);
 - `volumes.parquet`  one row per (model, landscape, metric, threshold, estimator);
 - `tune/`            Ray Tune's experiment folders (resumable training states).
 
@@ -26,6 +28,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,6 +41,7 @@ from volume_ray.locations import (
     is_uri,
     join,
     list_files,
+    locate,
     names_in,
     read_bytes,
     sizes_in,
@@ -50,6 +54,9 @@ __all__ = ["PARQUET_MIN_BYTES", "SweepStore", "read_tensors", "write_table"]
 # The smallest file a Parquet reader can open: the 'PAR1' header, the 4-byte length of
 # the footer and the 'PAR1' trailer. Anything shorter is an empty or cut-off file.
 PARQUET_MIN_BYTES = 12
+# A rung's columns but the chains' states (n numbers a chain): what an estimate reads.
+RUNG_LIGHT_COLUMNS = ["chain", "k", "step", "acceptance", "radius_searches",
+                      "loss_evaluations", "radius", "trace"]  # fmt: skip
 SHARD_READERS = 16  # shards read at once by `read_radii`: on S3 each is a round trip
 _SHARD_COUNT = re.compile(r".+__L\d+__d\d+-(\d+)\.parquet")  # the `count` of `shard_name`
 
@@ -94,6 +101,7 @@ class SweepStore:
         self.volumes_path = join(self.root, "volumes.parquet")
         self.curvature_rows = join(self.root, "curvature")
         self.curvature_path = join(self.root, "curvature.parquet")
+        self.ladders = join(self.root, "thermodynamic")
         self.tune = join(self.root, "tune")
 
     @classmethod
@@ -224,12 +232,87 @@ class SweepStore:
         write_table(table, self.curvature_path)
         return table
 
+    # -- thermodynamic ladders ---------------------------------------------------------
+
+    @staticmethod
+    def ladder_name(model_id: str, landscape_size: int, threshold: float, settings: str) -> str:
+        """One (model, landscape, threshold) ladder at a budget (`settings`); its files
+        are `<name>__whitening.parquet` and `<name>__rung<index>.parquet`."""
+        return f"{model_id}__L{landscape_size}__T{threshold!r}__{settings}"
+
+    def ladder_files(self) -> set[str]:
+        """Names of the finished files in `thermodynamic/`, from one listing (as
+        `finished_shards`: a file too short to be Parquet is not finished)."""
+        sizes = sizes_in(self.ladders, ".parquet")
+        return {name for name, size in sizes.items() if size >= PARQUET_MIN_BYTES}
+
+    def write_whitening(self, ladder: str, matrix: np.ndarray, cost: dict[str, int]) -> None:
+        """A ladder's whitening A (dense: one row per matrix row; diagonal: one row),
+        with `cost`, what finding it took (radius searches, loss evaluations)."""
+        metadata = {"volume_ray.dense": str(matrix.ndim == 2)}
+        metadata |= {f"volume_ray.{k}": str(v) for k, v in cost.items()}
+        frame = pd.DataFrame({"row": pd.Series(list(np.atleast_2d(matrix)), dtype=object)})
+        write_table(frame, join(self.ladders, f"{ladder}__whitening.parquet"), metadata)
+
+    def read_whitening(self, ladder: str) -> np.ndarray:
+        """The whitening A that `write_whitening` wrote."""
+        table = self._read_ladder_file(f"{ladder}__whitening.parquet")
+        rows = np.stack(table.column("row").to_numpy(zero_copy_only=False))
+        return rows if table.schema.metadata[b"volume_ray.dense"] == b"True" else rows[0]
+
+    def whitening_cost(self, ladder: str) -> dict[str, int]:
+        """What finding a ladder's whitening took, from its file's footer alone."""
+        metadata = self._read_ladder_file(f"{ladder}__whitening.parquet", schema=True).metadata
+        keys = ("radius_searches", "loss_evaluations")
+        return {key: int(metadata[f"volume_ray.{key}".encode()]) for key in keys}
+
+    def write_empty_ladder(self, ladder: str, reason: str) -> None:
+        """Mark a ladder whose basin is empty (the threshold at or below the base loss)."""
+        write_table(
+            pd.DataFrame({"reason": [reason]}), join(self.ladders, f"{ladder}__empty.parquet")
+        )
+
+    def write_rung(self, ladder: str, index: int, columns: dict) -> None:
+        """One finished rung of a ladder (`Rung.to_columns`), atomically."""
+        write_table(pd.DataFrame(columns), join(self.ladders, f"{ladder}__rung{index:04d}.parquet"))
+
+    def read_rungs(self, ladder: str, finished: set[str]) -> list[dict]:
+        """The ladder's rungs 0, 1, ... as far as they run without a gap in `finished`
+        (`ladder_files`), as column dicts; only the last with the chains' states."""
+        count = 0
+        while f"{ladder}__rung{count:04d}.parquet" in finished:
+            count += 1
+        rungs = []
+        for index in range(count):
+            states = None if index == count - 1 else RUNG_LIGHT_COLUMNS
+            table = self._read_ladder_file(f"{ladder}__rung{index:04d}.parquet", columns=states)
+            rungs.append(table.to_pydict())
+        return rungs
+
+    def _read_ladder_file(
+        self, name: str, *, columns: list[str] | None = None, schema: bool = False
+    ) -> pa.Table | pa.Schema:
+        """One ladder file (its `columns`, or only its `schema`), or a clear error: they
+        are written whole, so one that cannot be read was damaged from outside."""
+        filesystem, path = locate(join(self.ladders, name))
+        try:
+            if schema:
+                with filesystem.open_input_file(path) as source:
+                    return pq.read_schema(source)
+            return pq.read_table(path, filesystem=filesystem, columns=columns)
+        except (OSError, pa.ArrowInvalid) as error:
+            raise RuntimeError(
+                f"the ladder file {join(self.ladders, name)} cannot be read ({error}): it was "
+                "damaged from outside the sweep. Delete it; a rerun computes it again."
+            ) from None
+
 
 def _results_part(spec_dict: dict) -> dict:
     """What decides the stored radii and models: everything but where they are computed,
     which estimators aggregate them (volumes.parquet is rewritten whole each time) and
-    the curvature budget (its rows are kept per budget), save the quadratic radii."""
-    part = {k: v for k, v in spec_dict.items() if k != "resources"}
+    the curvature and ladder budgets (their files are kept per budget), save the
+    quadratic radii."""
+    part = {k: v for k, v in spec_dict.items() if k not in ("resources", "thermodynamic")}
     volume = {k: v for k, v in part.get("volume", {}).items() if k != "estimators"}
     quadratic = (part.get("curvature") or {}).get("quadratic_radii", False)
     return {**part, "volume": volume, "curvature": {"quadratic_radii": quadratic}}

@@ -3,20 +3,16 @@
 The basin is the paper's own set B = {ρu : 0 <= ρ <= r(u)} in the radii's coordinates
 z, r(u) the first crossing of the threshold along the unit direction u (capped). A
 ladder of harmonic restraints p_k(z) ∝ exp(-k|z|²/2)·1_B(z) runs from the uniform law
-of directions (no restraint reaches B's edge: its normaliser is 1, its samples exact
-and independent) down to k = 0, where the law of directions is ∝ r(u)^n. The radius
-given the direction is integrated out exactly (`polar`), so chains move directions
-only: Hamiltonian Monte Carlo on a Gaussian g whose direction is u (the Gaussian
-leaves the uniform law of directions, the rung's weight tilts it), with the gradient
-of ln r(u) from the loss gradient at the crossing (implicit differentiation of
-L(r(u) u) = T). They move in whitened coordinates (`whitening`), where the basin is
-round enough for short chains; a random-walk step there still lagged by tens of nats
-at n = 1,000 on a cross-polytope, HMC by about one (docs/thermodynamic.md).
-Rungs are placed where the chains' conditional effective sample size of the next
-rung's weights falls to half. MBAR (`pymbar`) over every rung's samples gives
-log E_u[r(u)^n], in the paper's convention; thermodynamic integration and annealed
-importance sampling along the same ladder are its cross-checks
-(docs/thermodynamic.md has the identities and what the prototypes measured).
+of directions down to k = 0, where the law of directions is ∝ r(u)^n (`ladder`), in
+whitened coordinates where B is round enough for short chains (`whitening`). MBAR
+(`pymbar`) over every rung's samples gives log E_u[r(u)^n], in the paper's convention;
+thermodynamic integration and annealed importance sampling along the same ladder are
+its cross-checks (docs/thermodynamic.md has the identities and what the prototypes
+measured).
+
+The three steps (`open_basin`, `basin_whitening`, then rung after rung with
+`rung_generator`) are what the sweep service runs as Ray tasks too, with the same
+seeds, so that its rows are this function's estimates.
 """
 
 from __future__ import annotations
@@ -32,18 +28,14 @@ import torch
 from scipy import special
 from torch import nn
 
+from volume_ray.basin_radii import BasinRadii
 from volume_ray.checks import MODEL_AND_DATA_RULES, check, integer, optional, real
 from volume_ray.curvature import HessianOperator
 from volume_ray.directions import FilterNorm, perturbed_parameters
 from volume_ray.estimators import EstimateResult
+from volume_ray.ladder import Rung, advance, following_restraint, uniform_rung
 from volume_ray.measure import RadiusMeter
-from volume_ray.polar import (
-    UNIFORM,
-    log_gamma_cdf,
-    log_weight_slope,
-    mean_square_radius,
-    rung_potentials,
-)
+from volume_ray.polar import log_gamma_cdf, mean_square_radius, rung_potentials
 from volume_ray.search import DEFAULT_RTOL
 from volume_ray.whitening import whiten
 
@@ -53,18 +45,22 @@ _pymbar_log.setLevel(logging.ERROR)  # its import logs a banner about JAX and a 
 try:
     import pymbar
     from pymbar import timeseries
+    from pymbar.utils import BoundsError, ConvergenceError
 finally:
     _pymbar_log.setLevel(_level)
 
-__all__ = ["ThermodynamicResult", "thermodynamic_log_volume"]
+__all__ = [
+    "EmptyBasinError",
+    "ThermodynamicResult",
+    "basin_whitening",
+    "estimate_from_rungs",
+    "open_basin",
+    "rung_generator",
+    "thermodynamic_log_volume",
+]
 
 CHAINS = 64  # chains run side by side, by default
 STEPS = 20  # HMC moves of every chain per rung, by default; the first half is burn-in
-LEAPFROG = 8  # leapfrog steps per move: one radius search and one gradient each
-CESS_TARGET = 0.5  # a new rung where the chains' conditional ESS would fall to this
-MAX_RUNGS = 2000  # an adaptive ladder longer than this means the basin is out of reach
-ACCEPTANCE = 0.65  # the acceptance rate the step size is steered to during burn-in
-FIRST_STEP_SIZE = 0.1  # leapfrog step size in whitened Gaussian units, at the first rung
 WHITENING_ITERATIONS = 6
 WHITENING_DIRECTIONS = 50  # uniform directions per iteration, per parameter,
 MAX_WHITENING_DIRECTIONS = 20_000  # up to this many
@@ -81,7 +77,12 @@ ARGUMENT_RULES = {
     "steps": optional(integer(2)),
     "batch_size": optional(integer(1)),
     "max_coefficient": real(0, low_open=True),
+    "whitening_directions": optional(integer(1)),
 }
+
+
+class EmptyBasinError(ValueError):
+    """The threshold is at or below the loss at the trained weights: no basin."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class ThermodynamicResult(EstimateResult):
     """The estimate (MBAR) with its diagnostics: the two cross-checks, the ladder
     (UNIFORM first, 0 last), per rung the acceptance rate, the statistical
     inefficiency of the chains (autocorrelation time, in moves) and the effective
-    samples, and the cost. `ess` is the fewest effective samples of any rung."""
+    samples, and the cost (whitening included). `ess` is the fewest effective samples
+    of any rung."""
 
     thermodynamic_integration: float = math.nan
     annealed_importance: float = math.nan
@@ -116,6 +118,7 @@ def thermodynamic_log_volume(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     max_coefficient: float = 1.0,
+    whitening_directions: int | None = None,
 ) -> ThermodynamicResult:
     """log E_u[r(u)^n] of the basin where the mean `loss_fn` on (x, y) stays below
     `threshold`, with r capped at max_coefficient·√n as `measure_radii` caps it.
@@ -127,14 +130,33 @@ def thermodynamic_log_volume(
     """
     check(ARGUMENT_RULES, locals())
     chains, steps = chains or CHAINS, steps or STEPS
+    basin = open_basin(
+        model, x, y, loss_fn, threshold=threshold, filter_norm=filter_norm,
+        max_coefficient=max_coefficient, batch_size=batch_size, device=device, seed=seed,
+    )  # fmt: skip
+    basin.whitening = basin_whitening(basin, seed, whitening_directions)
+    whitening_cost = (basin.searches, basin.evaluations)
+    ladder = [uniform_rung(basin, chains, steps, rung_generator(seed, 0))]
+    while ladder[-1].k > 0:
+        k = following_restraint(ladder, basin.n, basin.cap, rungs)
+        ladder.append(advance(basin, ladder[-1], k, steps, rung_generator(seed, len(ladder))))
+    return estimate_from_rungs(ladder, basin.n, whitening_cost)
+
+
+def open_basin(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, *, threshold: float,
+    filter_norm: str, max_coefficient: float, batch_size: int | None,
+    device: str | torch.device | None, seed: int,
+) -> BasinRadii:  # fmt: skip
+    """The basin's radii and gradients on `device`, not yet whitened; EmptyBasinError
+    when `threshold` is not above the loss at the trained weights."""
     params = perturbed_parameters(model)
-    n = params.count
     scale = FilterNorm(params, filter_norm).scale  # raises for li2018: no fixed z
     gradients = HessianOperator(
         model, x, y, loss_fn, scale=scale, batch_size=batch_size, device=device
     )
     if not threshold > gradients.base_loss:
-        raise ValueError(
+        raise EmptyBasinError(
             f"threshold must lie above the loss at the trained weights, "
             f"{gradients.base_loss:.6g}, got {threshold!r}: the basin would be empty"
         )
@@ -142,231 +164,96 @@ def thermodynamic_log_volume(
         model, x, y, loss_fn, thresholds=(threshold,), filter_norm=filter_norm,
         max_coefficient=max_coefficient, batch_size=batch_size, device=device, seed=seed,
     )  # fmt: skip
-    basin = _Basin(meter, gradients, n, max_coefficient * math.sqrt(n))
-    rng = np.random.default_rng(seed)
-    basin.whitening = whiten(
+    return BasinRadii(meter, gradients, max_coefficient * math.sqrt(params.count))
+
+
+def basin_whitening(basin: BasinRadii, seed: int, directions: int | None = None) -> np.ndarray:
+    """The whitening A of `basin` (`whitening.whiten`), from `directions` uniform
+    directions per iteration (None: WHITENING_DIRECTIONS per parameter, up to
+    MAX_WHITENING_DIRECTIONS)."""
+    default = min(WHITENING_DIRECTIONS * basin.n, MAX_WHITENING_DIRECTIONS)
+    return whiten(
         basin.crossings,
-        n,
+        basin.n,
         iterations=WHITENING_ITERATIONS,
-        directions=min(WHITENING_DIRECTIONS * n, MAX_WHITENING_DIRECTIONS),
-        rng=rng,
+        directions=directions or default,
+        rng=np.random.default_rng([seed, 0]),
     )
-    return _Ladder(basin, n, chains, steps, rungs, rng).run()
 
 
-class _Basin:
-    """B as the ladder sees it: radii along directions in whitened coordinates y
-    (z = A y, det A = 1, so volumes are the same), and, for whitening, crossings in z
-    with the loss gradient there. Counts the radius searches and loss evaluations."""
-
-    def __init__(self, meter: RadiusMeter, gradients: HessianOperator, n: int, cap: float):
-        self.meter, self.gradients, self.n, self.cap = meter, gradients, n, cap
-        self.whitening: np.ndarray | None = None
-        self.searches = self.evaluations = 0
-
-    def radii(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """r(u) (B,) along unit z-directions u (B, n), and whether each is censored."""
-        raw = torch.from_numpy(u * math.sqrt(self.n))  # |g| = √n, as seeded directions
-        coefficient, censored, nonfinite, evals = self.meter.crossings_along(raw)
-        self.searches += len(u)
-        self.evaluations += int(evals.sum())
-        if nonfinite.any():
-            raise ValueError(
-                "model and loss_fn give a non-finite loss inside the basin along a direction "
-                "the chains proposed: the basin is not a set of finite loss; check the model "
-                "for overflow, or lower the threshold"
-            )
-        return coefficient[:, 0] * math.sqrt(self.n), censored[:, 0]
-
-    def crossings(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What `whiten` needs: radii, the loss gradients in z at the crossings, censored."""
-        radii, censored = self.radii(u)
-        points = torch.from_numpy(radii[:, None] * u)
-        return radii, self.gradients.gradient(points).cpu().numpy(), censored
-
-    def _to_z(self, v: np.ndarray) -> np.ndarray:
-        a = self.whitening
-        return v @ a.T if a.ndim == 2 else v * a
-
-    def radii_in_y(self, v: np.ndarray) -> np.ndarray:
-        """The whitened body's radius along unit y-directions v: r(Av/|Av|) / |Av|."""
-        w = self._to_z(v)
-        length = np.linalg.norm(w, axis=1)
-        return self.radii(w / length[:, None])[0] / length
-
-    def radii_and_slopes_in_y(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ρ(v) = r(Av/|Av|)/|Av| along unit y-directions v, and ∇_v ln ρ. On B's edge
-        L(r(u) u) = T, so ∇_u ln r = -P_u ∇L / (u·∇L), P_u the projection off u (0
-        where r is capped); then u = w/|w|, w = A v."""
-        w = self._to_z(v)
-        length = np.linalg.norm(w, axis=1, keepdims=True)
-        u = w / length
-        radii, gradients, censored = self.crossings(u)
-        along = (gradients * u).sum(1, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            slope_u = np.where(censored[:, None], 0.0, -(gradients - along * u) / along)
-        slope_w = (slope_u - u) / length
-        a = self.whitening
-        slope_v = slope_w @ a if a.ndim == 2 else slope_w * a
-        return radii / length[:, 0], slope_v
+def rung_generator(seed: int, index: int) -> np.random.Generator:
+    """The random numbers of rung `index` (0: the uniform one), wherever it runs."""
+    return np.random.default_rng([seed, 1, index])
 
 
-class _Ladder:
-    """The chains, rung by rung, and what is kept of them."""
+def estimate_from_rungs(
+    rungs: list[Rung], n: int, whitening_cost: tuple[int, int] = (0, 0)
+) -> ThermodynamicResult:
+    """The estimate from a finished ladder (UNIFORM first, k = 0 last), its
+    cross-checks and diagnostics; `whitening_cost` is (radius searches, loss
+    evaluations) spent on the whitening, added to the rungs' own."""
+    ladder = [rung.k for rung in rungs]
+    samples = [rung.trace for rung in rungs]
+    chains = len(rungs[0].radii)
+    estimate, mbar_error = _mbar(ladder, samples, n)
+    groups = np.array_split(np.arange(chains), GROUPS)
+    spread = np.std([_mbar(ladder, [s[:, g] for s in samples], n)[0] for g in groups], ddof=1)
+    stderr = math.sqrt(mbar_error**2 + spread**2 / GROUPS)
+    inefficiency = np.array([_inefficiency(trace) for trace in samples])
+    effective = samples[0].size / inefficiency
+    valid = math.isfinite(stderr)
+    # each radius is known to a relative DEFAULT_RTOL (its bracket), so the log
+    # volume to n times that, whatever the sampling: the interval carries it too
+    half_width = Z * stderr + n * DEFAULT_RTOL
+    return ThermodynamicResult(
+        estimate=estimate,
+        stderr=stderr,
+        ci_low=estimate - half_width if valid else math.nan,
+        ci_high=estimate + half_width if valid else math.nan,
+        ess=float(effective.min()),
+        ci_valid=valid,
+        thermodynamic_integration=_integrated(ladder, samples, n),
+        annealed_importance=_annealed(rungs, n),
+        ladder=np.array(ladder),
+        acceptance=np.array([rung.acceptance for rung in rungs]),
+        inefficiency=inefficiency,
+        effective_samples=effective,
+        radius_searches=whitening_cost[0] + sum(rung.radius_searches for rung in rungs),
+        loss_evaluations=whitening_cost[1] + sum(rung.loss_evaluations for rung in rungs),
+    )
 
-    def __init__(
-        self, basin: _Basin, n: int, chains: int, steps: int, rungs: int | None, rng
-    ) -> None:
-        self.basin, self.n, self.chains, self.steps = basin, n, chains, steps
-        self.rungs, self.rng = rungs, rng
-        self.kept = steps - steps // 2
-        self.ladder: list[float] = []
-        self.samples: list[np.ndarray] = []  # per rung: (kept, chains) radii in y
-        self.acceptance: list[float] = []
 
-    def run(self) -> ThermodynamicResult:
-        n, chains = self.n, self.chains
-        gaussians = self.rng.standard_normal((chains * self.kept, n))
-        radii = self.basin.radii_in_y(_unit(gaussians))
-        self._keep(UNIFORM, radii.reshape(self.kept, chains), math.nan)
-        gaussians, radii = gaussians[:chains], radii[:chains].copy()
-        fixed = self._fixed_ladder(radii) if self.rungs is not None else None
-        log_weights, step, k = np.zeros(chains), FIRST_STEP_SIZE, UNIFORM
-        while k > 0:
-            following = fixed[len(self.ladder)] if fixed is not None else self._next_rung(k, radii)
-            log_weights -= rung_potentials(following, radii, n) - rung_potentials(k, radii, n)
-            k = following
-            gaussians, radii, step, accepted, trace = self._moves(k, gaussians, radii, step)
-            self._keep(k, trace, accepted)
-            if len(self.ladder) > MAX_RUNGS:
-                raise RuntimeError(
-                    f"the ladder passed {MAX_RUNGS} rungs before reaching k = 0: the basin's "
-                    "radii spread too widely for this budget; raise chains or give rungs"
-                )
-        return self._result(log_weights)
-
-    def _keep(self, k: float, trace: np.ndarray, accepted: float) -> None:
-        self.ladder.append(k)
-        self.samples.append(trace)
-        self.acceptance.append(accepted)
-
-    def _next_rung(self, k: float, radii: np.ndarray) -> float:
-        """The largest k' < k at which the chains' conditional ESS of the weights
-        π_k'/π_k is still CESS_TARGET (0 once the whole way there keeps it)."""
-
-        def cess(candidate: float) -> float:
-            log_w = rung_potentials(k, radii, self.n) - rung_potentials(candidate, radii, self.n)
-            w = np.exp(log_w - log_w.max())
-            return float(w.sum() ** 2 / (len(w) * np.square(w).sum()))
-
-        if cess(0.0) >= CESS_TARGET:
-            return 0.0
-        low = math.log(1e-12 / np.square(radii).max())
-        high = math.log(k) if math.isfinite(k) else math.log(1e12 * self.n / np.square(radii).min())
-        for _ in range(60):
-            middle = (low + high) / 2
-            if cess(math.exp(middle)) >= CESS_TARGET:
-                high = middle
-            else:
-                low = middle
-        return math.exp(high)
-
-    def _fixed_ladder(self, radii: np.ndarray) -> list[float]:
-        """UNIFORM, rungs - 2 restraints from k_high (every uniform chain's restraint all
-        but inside B) down to k_low (none reaches into B: k r² <= 1) in geometric steps,
-        then 0."""
-        n, inner = self.n, self.rungs - 2
-        k_high = (n + 6 * math.sqrt(n)) / np.square(radii).min()
-        k_low = 1 / np.square(self.basin.cap)
-        middle = list(np.geomspace(k_high, min(k_low, k_high), inner)) if inner else []
-        return [UNIFORM, *middle, 0.0]
-
-    def _moves(
-        self, k: float, gaussians: np.ndarray, radii: np.ndarray, step: float
-    ) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
-        """`steps` HMC moves of every chain at rung k, on the Gaussian g whose direction
-        is the state: log target -|g|²/2 - u_k(ρ(g/|g|)). The step size is steered
-        toward ACCEPTANCE during the burn-in and fixed after it. Returns the states, the
-        step size, the kept half's acceptance rate and radii (kept, chains)."""
-        log_p, slope, radii = self._target(k, gaussians)
-        trace, accepted = [], 0.0
-        for move in range(self.steps):
-            momentum = self.rng.standard_normal(gaussians.shape)
-            position, p = gaussians.copy(), momentum + step / 2 * slope
-            for leap in range(LEAPFROG):
-                position = position + step * p
-                new_log_p, new_slope, new_radii = self._target(k, position)
-                p = p + (step if leap < LEAPFROG - 1 else step / 2) * new_slope
-            change = new_log_p - np.square(p).sum(1) / 2 - log_p + np.square(momentum).sum(1) / 2
-            take = np.log(self.rng.random(len(radii))) < np.nan_to_num(change, nan=-np.inf)
-            gaussians[take], log_p[take] = position[take], new_log_p[take]
-            slope[take], radii[take] = new_slope[take], new_radii[take]
-            if move < self.steps - self.kept:
-                step = float(np.clip(step * math.exp(take.mean() - ACCEPTANCE), 1e-4, 2.0))
-            else:
-                accepted += take.mean() / self.kept
-                trace.append(radii.copy())
-        return gaussians, radii, step, accepted, np.array(trace)
-
-    def _target(self, k: float, gaussians: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The log target at each chain's g, its gradient in g, and the radii."""
-        length = np.linalg.norm(gaussians, axis=1, keepdims=True)
-        v = gaussians / length
-        radii, slope_v = self.basin.radii_and_slopes_in_y(v)
-        weight = log_weight_slope(k, radii, self.n)[:, None]
-        tangent = slope_v - (slope_v * v).sum(1, keepdims=True) * v
-        log_p = -np.square(gaussians).sum(1) / 2 - rung_potentials(k, radii, self.n)
-        return log_p, -gaussians + weight * tangent / length, radii
-
-    def _result(self, log_weights: np.ndarray) -> ThermodynamicResult:
-        estimate, mbar_error = _mbar(self.ladder, self.samples, self.n)
-        groups = np.array_split(np.arange(self.chains), GROUPS)
-        spread = np.std(
-            [_mbar(self.ladder, [s[:, g] for s in self.samples], self.n)[0] for g in groups],
-            ddof=1,
+def _annealed(rungs: list[Rung], n: int) -> float:
+    """ln E_u[r^n] by annealed importance sampling: each chain's weights π_k'/π_k at
+    its state as the ladder moved on from k to k'."""
+    log_weights = np.zeros(len(rungs[0].radii))
+    for before, after in zip(rungs, rungs[1:]):
+        log_weights -= rung_potentials(after.k, before.radii, n) - rung_potentials(
+            before.k, before.radii, n
         )
-        stderr = math.sqrt(mbar_error**2 + spread**2 / GROUPS)
-        inefficiency = np.array([_inefficiency(trace) for trace in self.samples])
-        effective = self.chains * self.kept / inefficiency
-        valid = math.isfinite(stderr)
-        # each radius is known to a relative DEFAULT_RTOL (its bracket), so the log
-        # volume to n times that, whatever the sampling: the interval carries it too
-        half_width = Z * stderr + self.n * DEFAULT_RTOL
-        return ThermodynamicResult(
-            estimate=estimate,
-            stderr=stderr,
-            ci_low=estimate - half_width if valid else math.nan,
-            ci_high=estimate + half_width if valid else math.nan,
-            ess=float(effective.min()),
-            ci_valid=valid,
-            thermodynamic_integration=_integrated(self.ladder, self.samples, self.n),
-            annealed_importance=float(special.logsumexp(log_weights) - math.log(self.chains)),
-            ladder=np.array(self.ladder),
-            acceptance=np.array(self.acceptance),
-            inefficiency=inefficiency,
-            effective_samples=effective,
-            radius_searches=self.basin.searches,
-            loss_evaluations=self.basin.evaluations,
-        )
-
-
-def _unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return float(special.logsumexp(log_weights) - math.log(len(log_weights)))
 
 
 def _mbar(ladder: list[float], samples: list[np.ndarray], n: int) -> tuple[float, float]:
     """ln E_u[r^n] and its MBAR uncertainty, from each rung's radii: minus the free
     energy of k = 0 (potential -n ln r) relative to the uniform rung (potential 0,
-    normaliser 1). Potentials are shifted per rung, for the solver's sake."""
+    normaliser 1); NaN where neighbouring rungs' samples do not overlap at all (too few
+    of them), so that no solver start exists. Potentials are shifted per rung, for the
+    solver's sake."""
     radii = np.concatenate([s.ravel() for s in samples])
     counts = np.array([s.size for s in samples])
     if np.ptp(np.log(radii)) == 0:  # a ball: every direction alike, and exact
         return float(n * math.log(radii[0])), 0.0
     potentials = np.stack([rung_potentials(k, radii, n) for k in ladder])
     shift = potentials.min(axis=1)
-    with contextlib.redirect_stdout(io.StringIO()):
-        mbar = pymbar.MBAR(potentials - shift[:, None], counts, initialize="BAR")
-        found = mbar.compute_free_energy_differences()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            mbar = pymbar.MBAR(potentials - shift[:, None], counts, initialize="BAR")
+            found = mbar.compute_free_energy_differences()
+    # BAR's start fails without overlap: BoundsError, or in pymbar 4.0.3 a NameError of
+    # its own handler (it names ConvergenceError without importing it)
+    except (BoundsError, ConvergenceError, NameError):
+        return math.nan, math.nan
     first, last = 0, len(ladder) - 1
     estimate = -(found["Delta_f"][first, last] + shift[last] - shift[first])
     return float(estimate), float(found["dDelta_f"][first, last])

@@ -1,6 +1,6 @@
-"""VolumeWorker: a Ray actor that measures shards of directions, and the curvature, of
-(model, landscape) pairs. It holds one pair on its device at a time and only delegates
-to the core."""
+"""VolumeWorker: a Ray actor that measures shards of directions, the curvature, and
+the rungs of restraint ladders of (model, landscape) pairs. It holds one pair on its
+device at a time and only delegates to the core."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ import os
 import socket
 import time
 
+import numpy as np
 import ray
 from ray.util import metrics
 
 from volume_ray.curvature import curvature
 from volume_ray.estimators import laplace_from_curvature
 from volume_ray.experiment import experiment_data, new_model
+from volume_ray.ladder import Rung, advance, uniform_rung
 from volume_ray.locations import exists
 from volume_ray.measure import RadiusMeter
 from volume_ray.models import loss_for_task
 from volume_ray.ray_process import assigned_device, configure_process
 from volume_ray.spec import SweepSpec
 from volume_ray.store import SweepStore
+from volume_ray.thermodynamic import EmptyBasinError, basin_whitening, open_basin, rung_generator
 
 __all__ = ["VolumeWorker", "check_store_is_visible", "store_problem"]
 
@@ -39,6 +42,8 @@ class VolumeWorker:
         self.loss_fn = loss_for_task(self.data.source.task)
         self.loaded: tuple[str, int] | None = None
         self.meter = None
+        self.ladder: str | None = None  # the ladder whose basin is held
+        self.basin, self.whitened = None, False
         tags = ("sweep", "model", "landscape")
         self.directions = metrics.Counter(
             "volume_ray_directions_measured", "directions measured", tag_keys=tags
@@ -64,7 +69,7 @@ class VolumeWorker:
         """Build the meter of a pair once: landscape on the device, filter norm, hints."""
         if self.loaded == (model_id, landscape_extra):
             return
-        self.meter = None  # free the previous pair's device memory first
+        self._free()
         model, x, y = self._pair(checkpoint, seed, landscape_extra)
         v = self.spec.volume
         self.meter = RadiusMeter(
@@ -110,8 +115,8 @@ class VolumeWorker:
         keys), with log_det at the first threshold's floor."""
         configure_process()
         began = time.perf_counter()
-        if self.loaded != (model_id, landscape_extra):  # free another pair's device memory
-            self.meter, self.loaded = None, None
+        if self.loaded != (model_id, landscape_extra):
+            self._free()
         model, x, y = self._pair(checkpoint, seed, landscape_extra)
         c, v = self.spec.curvature, self.spec.volume
         spectrum = curvature(
@@ -133,6 +138,62 @@ class VolumeWorker:
             "log_det_error": log_det_error,
             "seconds": time.perf_counter() - began,
         }
+
+    def whitening(
+        self, model_id: str, checkpoint: str, seed: int, landscape_extra: int, threshold: float,
+        ladder: str,
+    ) -> tuple[np.ndarray | None, dict | str]:  # fmt: skip
+        """A ladder's whitening and its cost, or (None, why) when its basin is empty."""
+        configure_process()
+        try:
+            basin = self._basin(model_id, checkpoint, seed, landscape_extra, threshold, ladder)
+        except EmptyBasinError as error:
+            return None, str(error)
+        t = self.spec.thermodynamic
+        basin.whitening = basin_whitening(basin, t.seed, t.whitening_directions)
+        self.whitened = True
+        return basin.whitening, {
+            "radius_searches": basin.searches,
+            "loss_evaluations": basin.evaluations,
+        }
+
+    def rung(
+        self, model_id: str, checkpoint: str, seed: int, landscape_extra: int, threshold: float,
+        ladder: str, index: int, k: float, previous: Rung | None,
+    ) -> Rung:  # fmt: skip
+        """Rung `index` of a whitened ladder at restraint k, from `previous` (None: the
+        uniform rung at the top)."""
+        configure_process()
+        basin = self._basin(model_id, checkpoint, seed, landscape_extra, threshold, ladder)
+        if not self.whitened:
+            basin.whitening = self.store.read_whitening(ladder)
+            self.whitened = True
+        t, generator = self.spec.thermodynamic, rung_generator(self.spec.thermodynamic.seed, index)
+        if previous is None:
+            return uniform_rung(basin, t.chains, t.steps, generator)
+        return advance(basin, previous, k, t.steps, generator)
+
+    def _basin(
+        self, model_id: str, checkpoint: str, seed: int, landscape_extra: int, threshold: float,
+        ladder: str,
+    ):  # fmt: skip
+        """The basin of a ladder on the device, built once."""
+        if self.ladder != ladder:
+            self._free()
+            model, x, y = self._pair(checkpoint, seed, landscape_extra)
+            v = self.spec.volume
+            self.basin = open_basin(
+                model, x, y, self.loss_fn, threshold=threshold, filter_norm=v.filter_norm,
+                max_coefficient=v.max_coefficient, batch_size=v.batch_size,
+                device=self.device, seed=self.spec.thermodynamic.seed,
+            )  # fmt: skip
+            self.ladder = ladder
+        return self.basin
+
+    def _free(self) -> None:
+        """Drop what the held pair keeps on the device, before another pair's."""
+        self.meter = self.loaded = self.basin = self.ladder = None
+        self.whitened = False
 
     @ray.method(max_task_retries=-1)  # a ping waits for a restart, fails only past the last
     def pid(self) -> int:

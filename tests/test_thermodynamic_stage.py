@@ -1,0 +1,131 @@
+"""The thermodynamic stage on a real local Ray: ladders as actor tasks, their rows in
+volumes.parquet equal to the Python API's estimate, resuming from stored rungs."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pandas as pd
+import pytest
+import ray
+import torch
+from threadpoolctl import threadpool_limits
+
+from volume_ray.driver import (
+    aggregate_stage,
+    measure_stage,
+    pending_shards,
+    run_sweep,
+    trained_pairs,
+)
+from volume_ray.experiment import experiment_data, new_model
+from volume_ray.ladder_tasks import WhiteningTask, pending_ladders
+from volume_ray.models import loss_for_task
+from volume_ray.spec import SpecError, load_spec
+from volume_ray.store import SweepStore
+from volume_ray.thermodynamic import thermodynamic_log_volume
+
+BUDGET = {"chains": 16, "steps": 6, "rungs": 4, "whitening_directions": 100, "seed": 3}
+LADDER = {
+    "name": "ladder",
+    "dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0]},
+    "model": {"name": "mlp", "hidden": [4]},
+    "train": {"epochs": 150, "lr": 0.01, "seeds": [0]},
+    # 0.01 lies below the trained loss (about 0.14): that basin is empty
+    "volume": {"directions": 8, "shard_size": 4, "thresholds": [0.01, 1.0],
+               "estimators": ["paper", "typical", "thermodynamic"]},
+    "thermodynamic": BUDGET,
+    "resources": {"workers": 2},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> SweepStore:
+    """The ladder sweep, run once on a local Ray that stays up for the module."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield run_sweep(load_spec(LADDER), str(tmp_path_factory.mktemp("s")), progress=False)
+    finally:
+        ray.shutdown()
+
+
+def thermodynamic_rows(store: SweepStore) -> pd.DataFrame:
+    volumes = pd.read_parquet(store.volumes_path)
+    return volumes[volumes.estimator == "thermodynamic"].set_index("threshold")
+
+
+def test_the_stage_gives_the_python_apis_estimate(swept):
+    rows = thermodynamic_rows(swept)
+    assert sorted(rows.index) == [0.01, 1.0]
+    empty = rows.loc[0.01]
+    assert math.isnan(empty.log_volume) and not empty.ci_valid
+    spec = load_spec(LADDER)
+    data = experiment_data(spec)
+    model = new_model(spec, data, seed=0)
+    model.load_state_dict(swept.read_state_dict(swept.finished_models().checkpoint[0]))
+    x, y = data.landscape_set(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as on the actors: the same sums to the last bit
+    try:
+        with threadpool_limits(1):  # numpy's BLAS too (the whitening's products)
+            direct = thermodynamic_log_volume(
+                model, x, y, loss_for_task(data.source.task), threshold=1.0, **BUDGET
+            )
+    finally:
+        torch.set_num_threads(threads)
+    row = rows.loc[1.0]
+    assert row.ci_valid and direct.ci_valid
+    assert row.log_volume == pytest.approx(direct.estimate, rel=1e-9)
+    assert row.ci_low == pytest.approx(direct.ci_low, rel=1e-9)
+    assert row.ci_high == pytest.approx(direct.ci_high, rel=1e-9)
+    assert row.ess == pytest.approx(direct.ess) and row.n_params == model_size(model)
+    names = sorted(p.name for p in swept.ladders.iterdir())
+    assert len(names) == 1 + 1 + 4  # the empty basin's mark; a whitening and 4 rungs
+    assert names[0].endswith("__empty.parquet") and "T0.01" in names[0]
+
+
+def model_size(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_a_stage_cut_short_goes_on_from_its_stored_rungs(swept, tmp_path):
+    shutil.copytree(swept.root, tmp_path / "ladder")
+    store = SweepStore(tmp_path, "ladder")
+    kept = {p.name: p.stat().st_mtime_ns for p in store.ladders.iterdir()}
+    for name in list(kept):
+        if name.endswith(("rung0002.parquet", "rung0003.parquet")):
+            (store.ladders / name).unlink()
+            del kept[name]
+    spec = load_spec(LADDER)
+    stats = measure_stage(spec, store, progress=False)  # on the module's Ray
+    assert stats.ladder_tasks == 2 and stats.shards == 0  # the two lost rungs, no more
+    for name, mtime in kept.items():  # the whitening and the first rungs were kept
+        assert (store.ladders / name).stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(aggregate_stage(spec, store), pd.read_parquet(swept.volumes_path))
+
+
+def test_another_ladder_budget_keeps_the_radii_and_starts_a_new_ladder(swept, tmp_path):
+    shutil.copytree(swept.root, tmp_path / "ladder")
+    store = SweepStore(tmp_path, "ladder")
+    more = load_spec({**LADDER, "thermodynamic": {**BUDGET, "chains": 20}})
+    store.claim(more.model_dump(mode="json"))  # no conflict with the recorded spec
+    assert not pending_shards(more, store)[0]
+    tasks, total = pending_ladders(more, store, trained_pairs(more, store))
+    assert total == 2 and all(isinstance(t, WhiteningTask) for t in tasks) and len(tasks) == 2
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"volume": {**LADDER["volume"], "metric": "accuracy", "thresholds": [0.9]}},
+         "thermodynamic .* needs volume.metric: loss"),
+        ({"volume": {**LADDER["volume"], "filter_norm": "li2018"}}, "filter_norm paper or none"),
+        ({"thermodynamic": {"chains": 3}}, "thermodynamic.chains"),
+        ({"thermodynamic": {"rungs": 1}}, "thermodynamic.rungs"),
+        ({"thermodynamic": {"steps": 1}}, "thermodynamic.steps"),
+    ],
+)  # fmt: skip
+def test_bad_ladder_specs_are_named(change, match):
+    with pytest.raises(SpecError, match=match):
+        load_spec({**LADDER, **change})
