@@ -12,6 +12,7 @@ import ray
 import torch
 from threadpoolctl import threadpool_limits
 
+from volume_ray.cli import main
 from volume_ray.driver import (
     aggregate_stage,
     measure_stage,
@@ -22,11 +23,11 @@ from volume_ray.driver import (
 from volume_ray.experiment import experiment_data, new_model
 from volume_ray.ladder_tasks import WhiteningTask, pending_ladders
 from volume_ray.models import loss_for_task
-from volume_ray.spec import SpecError, load_spec
+from volume_ray.spec import SpecError, load_spec, smoke_variant
 from volume_ray.store import SweepStore
 from volume_ray.thermodynamic import thermodynamic_log_volume
 
-BUDGET = {"chains": 16, "steps": 6, "rungs": 4, "whitening_directions": 100, "seed": 3}
+BUDGET = {"chains": 16, "steps": 6, "whitening_directions": 100, "seed": 3}
 LADDER = {
     "name": "ladder",
     "dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0]},
@@ -81,8 +82,10 @@ def test_the_stage_gives_the_python_apis_estimate(swept):
     assert row.ci_high == pytest.approx(direct.ci_high, rel=1e-9)
     assert row.ess == pytest.approx(direct.ess) and row.n_params == model_size(model)
     names = sorted(p.name for p in swept.ladders.iterdir())
-    assert len(names) == 1 + 1 + 4  # the empty basin's mark; a whitening and 4 rungs
+    # the empty basin's mark; a whitening and a rung per restraint
     assert names[0].endswith("__empty.parquet") and "T0.01" in names[0]
+    assert names[-1].endswith("__whitening.parquet") and "T1.0" in names[-1]
+    assert len(names) == 2 + len(direct.ladder)
 
 
 def model_size(model) -> int:
@@ -93,10 +96,9 @@ def test_a_stage_cut_short_goes_on_from_its_stored_rungs(swept, tmp_path):
     shutil.copytree(swept.root, tmp_path / "ladder")
     store = SweepStore(tmp_path, "ladder")
     kept = {p.name: p.stat().st_mtime_ns for p in store.ladders.iterdir()}
-    for name in list(kept):
-        if name.endswith(("rung0002.parquet", "rung0003.parquet")):
-            (store.ladders / name).unlink()
-            del kept[name]
+    for name in sorted(n for n in kept if "__rung" in n)[-2:]:  # the last two rungs lost
+        (store.ladders / name).unlink()
+        del kept[name]
     spec = load_spec(LADDER)
     stats = measure_stage(spec, store, progress=False)  # on the module's Ray
     assert stats.ladder_tasks == 2 and stats.shards == 0  # the two lost rungs, no more
@@ -129,3 +131,14 @@ def test_another_ladder_budget_keeps_the_radii_and_starts_a_new_ladder(swept, tm
 def test_bad_ladder_specs_are_named(change, match):
     with pytest.raises(SpecError, match=match):
         load_spec({**LADDER, **change})
+
+
+def test_status_counts_the_finished_ladders(swept, capsys):
+    assert main(["status", str(swept.root)]) == 0
+    assert "ladders  2/2 finished" in capsys.readouterr().out
+
+
+def test_the_smoke_form_keeps_ladders_small():
+    big = load_spec({**LADDER, "thermodynamic": {"chains": 64, "steps": 20}})
+    t = smoke_variant(big).thermodynamic
+    assert (t.chains, t.steps, t.whitening_directions) == (16, 6, 200)

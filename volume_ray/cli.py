@@ -122,12 +122,18 @@ def _validate(args: argparse.Namespace) -> int:
               f"{c.lanczos_steps} Lanczos steps")  # fmt: skip
     if c.quadratic_radii:
         print("  quadratic radii: one Hessian-vector product per direction")
+    if "thermodynamic" in v.estimators:
+        t = spec.thermodynamic
+        rungs = "adaptive" if t.rungs is None else t.rungs
+        print(f"  ladders   {len(pairs) * len(v.thresholds)}, one per pair and threshold: "
+              f"{t.chains} chains x {t.steps} moves a rung, rungs {rungs}")  # fmt: skip
     print(f"  estimators {', '.join(v.estimators)}")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from volume_ray.driver import pending_curvature, pending_shards
+    from volume_ray.driver import pending_curvature, pending_shards, trained_pairs
+    from volume_ray.ladder_tasks import pending_ladders
     from volume_ray.locations import exists
     from volume_ray.spec import load_spec, plan_trials
     from volume_ray.store import SweepStore
@@ -144,6 +150,9 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  curvature {pairs - len(pending)}/{pairs} pairs written (of the trained models)")
     else:
         print("  curvature off (curvature.enabled: false)")
+    if "thermodynamic" in spec.volume.estimators:
+        unfinished, ladders = pending_ladders(spec, store, trained_pairs(spec, store))
+        print(f"  ladders  {ladders - len(unfinished)}/{ladders} finished (of the trained models)")
     print(f"  volumes  {'written' if exists(store.volumes_path) else 'not yet'}")
     return 0
 

@@ -239,14 +239,16 @@ class SweepSpec(_Strict):
 
 SMOKE_EPOCHS, SMOKE_DIRECTIONS = 200, 8
 SMOKE_PROBES, SMOKE_LANCZOS_STEPS = 4, 16
+SMOKE_CHAINS, SMOKE_STEPS, SMOKE_WHITENING_DIRECTIONS = 16, 6, 200
 
 
 def smoke_variant(spec: SweepSpec) -> SweepSpec:
     """The documented small form of any sweep (CLI `--smoke`): the two smallest extra
     sizes, the first batch size, optimizer, SAM rho and seed, at most 200 epochs and 8
-    directions, and at most 4 curvature probes of 16 Lanczos steps, under the name
+    directions, at most 4 curvature probes of 16 Lanczos steps, and ladders of at most
+    16 chains, 6 moves a rung and 200 whitening directions, under the name
     `<name>-smoke`."""
-    d, t, v, c = spec.dataset, spec.train, spec.volume, spec.curvature
+    d, t, v, c, ladder = spec.dataset, spec.train, spec.volume, spec.curvature, spec.thermodynamic
     epochs = min(t.epochs, SMOKE_EPOCHS)
     small = spec.model_copy(
         update={
@@ -271,6 +273,16 @@ def smoke_variant(spec: SweepSpec) -> SweepSpec:
                     "lanczos_steps": min(c.lanczos_steps, SMOKE_LANCZOS_STEPS),
                 }
             ),  # fmt: skip
+            "thermodynamic": ladder.model_copy(
+                update={
+                    "chains": min(ladder.chains, SMOKE_CHAINS),
+                    "steps": min(ladder.steps, SMOKE_STEPS),
+                    "whitening_directions": min(
+                        ladder.whitening_directions or SMOKE_WHITENING_DIRECTIONS,
+                        SMOKE_WHITENING_DIRECTIONS,
+                    ),
+                }
+            ),
         }
     )
     return SweepSpec.model_validate(small.model_dump(mode="json"))  # every rule still holds

@@ -11,8 +11,8 @@ when its unit boundary normals are isotropic, so A is found by the fixed point
 
 which for an ellipsoid lands on H^(-1/2) and for a cross-polytope on diag(1/a), needs
 one loss gradient per crossing and no Hessian. det A is kept at 1: the scale is free.
-Each step is shrunk by the sampling noise of its normals (James-Stein), so a body
-already round keeps A as it is.
+Each step is shrunk by the sampling noise of its normals (James-Stein, the diagonal
+and the off-diagonal part each by its own), so a body already round keeps A as it is.
 """
 
 from __future__ import annotations
@@ -55,14 +55,7 @@ def whiten(
             normals /= np.linalg.norm(normals, axis=1, keepdims=True)
             second += normals.T @ normals if dense else np.square(normals).sum(0)
         second *= n / directions
-        # What is left of the anisotropy beyond the sampling noise of `directions` unit
-        # normals (about n²/m in squared Frobenius norm, 2n/m for a diagonal): the step
-        # shrinks to nothing once the body is round, so noise does not pile up in A.
-        excess = second - (np.eye(n) if dense else 1.0)
-        noise = (n * n if dense else 2 * n) / directions
-        second = (np.eye(n) if dense else 1.0) + max(
-            0.0, 1 - noise / np.square(excess).sum()
-        ) * excess
+        second = _denoised(second, n, directions, dense)
         if dense:
             values, vectors = np.linalg.eigh(second)
             a = a @ ((vectors * np.maximum(values, 1e-12) ** -0.25) @ vectors.T)
@@ -71,3 +64,27 @@ def whiten(
             a = a * np.maximum(second, 1e-12) ** -0.25
             a /= np.exp(np.log(a).mean())
     return a
+
+
+def _denoised(second: np.ndarray, n: int, directions: int, dense: bool) -> np.ndarray:
+    """n · mean ggᵀ with what is left of its anisotropy beyond the sampling noise of
+    `directions` unit normals kept, so that the noise does not pile up in A: each part
+    shrunk toward isotropy by its own James-Stein factor. For isotropic normals the
+    noise is 2n/m in squared norm on the diagonal and n(n-1)/m off it; shrinking the
+    two apart keeps a diagonal anisotropy (a cross-polytope's, known to 2n/m) exact
+    while the off-diagonal noise, n/2 times larger, goes."""
+    if not dense:
+        return 1.0 + _shrunk(second - 1.0, 2 * n / directions)
+    diagonal = np.diag(second) - 1.0
+    off = second - np.diag(np.diag(second))
+    return (
+        np.eye(n)
+        + np.diag(_shrunk(diagonal, 2 * n / directions))
+        + _shrunk(off, n * (n - 1) / directions)
+    )
+
+
+def _shrunk(excess: np.ndarray, noise: float) -> np.ndarray:
+    """`excess` shrunk by the James-Stein factor of its expected squared noise."""
+    size = np.square(excess).sum()
+    return max(0.0, 1 - noise / size) * excess if size > 0 else excess
