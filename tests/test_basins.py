@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from volume_ray import measure_radii
 from volume_ray.basins import Basin, cross_polytope_basin, quadratic_basin
@@ -88,6 +89,28 @@ def test_cross_polytope_radius_matches_measure_radii():
     assert evals.max() < 60
 
 
+@pytest.mark.parametrize("build", [quadratic_basin, cross_polytope_basin])
+def test_the_indexed_layout_is_the_same_basin_at_o_n_a_sample(build):
+    """Rows (i, a_i) looked up give the losses of x = diag(a) through nn.Linear; for the
+    ellipsoid, the unrotated one, whose closed-form radius the measured radii match."""
+    indexed = build(300, seed=2, layout="indexed")
+    assert indexed.x.shape == (300, 2) and indexed.n_params == 300
+    _measured_against_closed_form(indexed, threshold=0.05)
+    rows = indexed.x[:, 1]
+    dense = nn.Linear(300, 1, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(indexed.model.weight)
+        z = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 0.1
+        indexed.model.weight.add_(z)
+        dense.weight.add_(z)
+        losses = indexed.loss_fn(indexed.model(indexed.x), indexed.y)
+        expected = indexed.loss_fn(dense(torch.diag(rows)), indexed.y)
+    assert losses.item() == pytest.approx(expected.item(), rel=1e-5)
+    if build is quadratic_basin:
+        np.testing.assert_allclose(np.sort(2 * rows.double().numpy() ** 2 / 300),
+                                   indexed.eigenvalues, rtol=1e-5)  # fmt: skip
+
+
 def _monte_carlo_log_volume(basin: Basin, threshold: float) -> tuple[float, float]:
     """log mean r(u)^n over uniform unit u, and its standard error (delta method)."""
     rng = np.random.default_rng(0)
@@ -141,6 +164,8 @@ def test_cross_polytope_at_n_1_is_an_interval():
         (lambda: quadratic_basin(3, scale=0.0), "scale"),
         (lambda: quadratic_basin(3, seed=-1), "seed"),
         (lambda: cross_polytope_basin(3, dtype=torch.int64), "dtype"),
+        (lambda: cross_polytope_basin(3, layout="sparse"), "layout"),
+        (lambda: quadratic_basin(3, layout="sparse"), "layout"),
         (lambda: quadratic_basin(3).log_volume(0.0), "threshold"),
         (lambda: cross_polytope_basin(3).log_volume(math.inf), "threshold"),
         (lambda: quadratic_basin(3).radius(np.eye(3), -1.0), "threshold"),

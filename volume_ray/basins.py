@@ -15,7 +15,10 @@ rounding), so z = w - w* and the filter norms "paper" and "none" coincide.
 - `cross_polytope_basin`: L(z) = (1/n) sum a_i |z_i|, not quadratic. The weights a_i
   sit in the inputs, x = diag(a), with `F.l1_loss`: each sample's loss depends on its
   own output and target alone, as it must, since the landscape reorders and chunks
-  the samples (a loss holding a per-position `a` would mix them up).
+  the samples (a loss holding a per-position `a` would mix them up). With
+  `layout="indexed"` sample i is the pair (i, a_i) and the model looks its weight up
+  (`CoordinateLookup`): the same basin at O(n) a loss evaluation instead of O(n²),
+  which is what makes n = 10,000 affordable on a CPU.
 
 Neither uses Ray or does I/O; randomness comes from a generator seeded by `seed`.
 """
@@ -32,9 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KINDS", "Basin", "cross_polytope_basin", "quadratic_basin"]
+__all__ = [
+    "KINDS",
+    "LAYOUTS",
+    "Basin",
+    "CoordinateLookup",
+    "cross_polytope_basin",
+    "quadratic_basin",
+]
 
 KINDS = ("quadratic", "cross_polytope")
+LAYOUTS = ("dense", "indexed")
 UNIT_TOL = 1e-5  # how far from 1 the norm of a "unit" direction may be
 ROWS_PER_BLOCK = 1024  # rows of x converted to float64 at a time by `radius`
 
@@ -49,7 +60,7 @@ class Basin:
     """
 
     model: nn.Module
-    x: torch.Tensor  # (n, n): n samples
+    x: torch.Tensor  # (n, n): n samples; indexed, (n, 2)
     y: torch.Tensor  # (n, 1)
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     eigenvalues: np.ndarray | None  # (n,) float64
@@ -60,7 +71,7 @@ class Basin:
     @property
     def n_params(self) -> int:
         """n, the dimension of the basin and the exponent of the paper's volume."""
-        return self.x.shape[1]
+        return self.model.weight.shape[1]
 
     def log_volume(self, threshold: float) -> float:
         """log E_u[r(u)^n] in nats: the truth every estimator of DESIGN §7 targets.
@@ -92,6 +103,9 @@ class Basin:
             raise ValueError(f"unit_directions rows must have norm 1, got norms {norms}")
         if self.kind == "cross_polytope":
             return self.n_params * gap / (np.abs(u) @ self.weights)
+        if isinstance(self.model, CoordinateLookup):  # X = diag(x[:, 1])
+            squares = np.square(u * self.x[:, 1].double().numpy()).sum(axis=1)
+            return np.sqrt(gap * len(self.x) / squares)
         squares = np.zeros(len(u))  # |X u|^2 (B,), row block by row block
         for start in range(0, len(self.x), ROWS_PER_BLOCK):
             block = self.x[start : start + ROWS_PER_BLOCK].detach().cpu().double().numpy()
@@ -117,15 +131,21 @@ def quadratic_basin(
     scale: float = 1.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    layout: str = "dense",
 ) -> Basin:
     """Least squares with Hessian eigenvalues 2 mu: mu evenly spaced in log from
     `scale` down to scale * 10**-decades, so `decades` sets the conditioning.
 
     N = n samples, targets y = X w*, MSE loss, so L* = 0 and the Hessian of the mean
-    loss is 2 X^T X / N. `decades=0` gives an isotropic ball.
+    loss is 2 X^T X / N. `decades=0` gives an isotropic ball. `layout` "indexed" gives
+    the unrotated ellipsoid, Q = I, as rows (i, sqrt(n mu_i)) to a `CoordinateLookup`.
     """
     generator = _check(n, decades, scale, seed, dtype)
     mu = _log_spaced(n, decades, scale)  # (n,) descending
+    if layout == "indexed":
+        x = _indexed(np.sqrt(n * mu), dtype)
+        return _basin(x, F.mse_loss, generator, "quadratic", np.sort(2 * mu), None, layout)
+    _check_layout(layout)
     gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
     reflectors, tau = torch.geqrf(gaussian)
     del gaussian
@@ -145,17 +165,45 @@ def cross_polytope_basin(
     scale: float = 1.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    layout: str = "dense",
 ) -> Basin:
     """The cross-polytope {sum a_i |z_i| <= t}: mean loss (1/n) sum a_i |z_i|.
 
     Sample i is a_i e_i with target a_i w*_i, so its L1 loss is a_i |w_i - w*_i| and
     the mean loss stays <= T exactly when sum a_i |z_i| <= t = n (T - L*). The a_i are
-    spaced as `quadratic_basin`'s mu. Not smooth at w*: no eigenvalues.
+    spaced as `quadratic_basin`'s mu. Not smooth at w*: no eigenvalues. `layout`
+    "indexed" gives sample i as (i, a_i) to a `CoordinateLookup`: the same losses.
     """
     generator = _check(n, decades, scale, seed, dtype)
-    x = torch.diag(torch.from_numpy(_log_spaced(n, decades, scale)).to(dtype))  # (n, n)
-    a = x.diagonal().double().numpy()  # the a_i as the model holds them, rounded to dtype
-    return _basin(x, F.l1_loss, generator, "cross_polytope", None, a)
+    _check_layout(layout)
+    a = _log_spaced(n, decades, scale)
+    x = torch.diag(torch.from_numpy(a).to(dtype)) if layout == "dense" else _indexed(a, dtype)
+    weights = x.diagonal().double().numpy() if layout == "dense" else x[:, 1].double().numpy()
+    return _basin(x, F.l1_loss, generator, "cross_polytope", None, weights, layout)
+
+
+def _indexed(coefficients: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Samples a_i e_i as rows (i, a_i), for a `CoordinateLookup`."""
+    n = len(coefficients)
+    return torch.stack([torch.arange(n, dtype=dtype), torch.from_numpy(coefficients).to(dtype)], 1)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+class CoordinateLookup(nn.Module):
+    """A bias-free linear model y = w·x for inputs x = a_i e_i given as rows (i, a_i):
+    output a_i w_i, looked up in O(1) instead of an O(n) dot product. Its weight is
+    (1, n), like `nn.Linear(n, 1)`'s, so its "paper" filter norm is the same."""
+
+    def __init__(self, n: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, n, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight[0, x[:, 0].long()] * x[:, 1])[:, None]
 
 
 def _basin(
@@ -165,12 +213,17 @@ def _basin(
     kind: str,
     eigenvalues: np.ndarray | None,
     weights: np.ndarray | None,
+    layout: str = "dense",
 ) -> Basin:
-    """The Linear(n, 1) at a random unit w*, with targets its own outputs (L* = 0)."""
-    n = x.shape[1]
+    """The Linear(n, 1) (or its `CoordinateLookup`) at a random unit w*, with targets
+    its own outputs (L* = 0)."""
+    n = len(x)
     w_star = torch.randn(n, generator=generator, dtype=torch.float64)
     # built on "meta" and then filled, so that the global RNG is never drawn from
-    model = nn.Linear(n, 1, bias=False, device="meta", dtype=x.dtype).to_empty(device="cpu")
+    if layout == "dense":
+        model = nn.Linear(n, 1, bias=False, device="meta", dtype=x.dtype).to_empty(device="cpu")
+    else:
+        model = CoordinateLookup(n, x.dtype)
     with torch.no_grad():
         model.weight.copy_(w_star / w_star.norm())  # (1, n): the row norm f is 1
         y = model(x)  # (n, 1)
