@@ -6,18 +6,23 @@
    prints its estimate, the truth, the error in nats, its 95% interval and whether it
    covers, the ESS, the cost (loss evaluations of the radius walks, Hessian-vector
    products of the curvature) and seconds.
-   `thermodynamic` runs up to --thermodynamic-max-n (default 1,000).
-2. Cross-polytopes {sum a_i |z_i| <= t} (`cross_polytope_basin`), not quadratic: paper,
-   typical and thermodynamic (laplace has no Hessian there).
+   `thermodynamic` runs up to --thermodynamic-max-n (default 1,000); past it, on the
+   unrotated ellipsoid of the same spectrum (the indexed layout, O(n) a loss
+   evaluation: the rotated one costs O(n²) an evaluation, hours of matrix products
+   at n = 10,000 here, and needs a dense whitening past `whitening.DENSE_LIMIT`).
+2. Cross-polytopes {sum a_i |z_i| <= t} (`cross_polytope_basin`, indexed layout), not
+   quadratic, at n = 100, 1,000 and 10,000: paper, typical and thermodynamic (laplace
+   has no Hessian there).
 3. The digits MLP 64-256-256-10 (1,437 samples, trained below 1e-3): paper, typical and
    laplace side by side, the quadratic radii against the measured ones, and the
    curvature's cost as a multiple of the 500-direction radius walk on the same pair.
 4. A digits MLP small enough for the thermodynamic ladder on this CPU (64-32-10):
    all four side by side, with their costs in loss evaluations.
-5. The thermodynamic ladder's cost against n, and what it projects for the paper's
-   MNIST MLP (235,146 parameters).
+5. The thermodynamic ladder's cost against n: loss evaluations to reach a fixed
+   standard error (TARGET_STDERR), and what it projects for the paper's MNIST MLP
+   (235,146 parameters).
 
-    python benchmarks/bench_estimators.py            # about 25 minutes on 2 cores
+    python benchmarks/bench_estimators.py            # about 90 minutes on 2 cores
     python benchmarks/bench_estimators.py --smoke    # seconds, for CI
 """
 
@@ -46,7 +51,12 @@ from volume_ray.train import TrainConfig, train
 
 THRESHOLD = 0.1
 MNIST_MLP = 235_146  # parameters of the paper's MNIST MLP
-LADDER_COSTS: list[tuple[str, int, int]] = []  # (basin kind, n, loss evaluations)
+TARGET_STDERR = 0.5  # nats: the fixed precision the scaling compares costs at
+# A forward pass of the MNIST MLP over a 10,000-sample landscape is 2 x 235k x 10k =
+# 4.7 GFLOP; at 50 TFLOP/s (an H200 in float32, batched weight sets), about 0.1 ms.
+# An assumption until issue 17 measures it on the device.
+GPU_SECONDS_PER_EVALUATION = 1e-4
+LADDER_COSTS: list[tuple[str, int, int, float]] = []  # (kind, n, evaluations, stderr)
 
 
 def radius_estimates(frame, n: int) -> list[tuple[str, EstimateResult]]:
@@ -105,9 +115,10 @@ def thermodynamic_row(label, model, x, y, loss_fn, truth, max_coefficient, budge
     return result
 
 
-def radius_rows(basin, truth: float, max_coefficient: float, directions: int):
+def radius_rows(basin, truth: float, max_coefficient: float, directions: int, label=None):
     """The radius walk on a basin and the paper and typical rows it gives; its radii."""
     n = basin.n_params
+    label = label or n
     began = time.perf_counter()
     meter = RadiusMeter(
         basin.model, basin.x, basin.y, basin.loss_fn, thresholds=(THRESHOLD,),
@@ -116,7 +127,7 @@ def radius_rows(basin, truth: float, max_coefficient: float, directions: int):
     frame = meter.measure(0, directions)
     seconds = time.perf_counter() - began
     for name, result in radius_estimates(frame, n):
-        print_row(n, name, result, truth, f"{int(frame.evals.sum()):,} evals", seconds)
+        print_row(label, name, result, truth, f"{int(frame.evals.sum()):,} evals", seconds)
     return frame
 
 
@@ -151,22 +162,39 @@ def known_basins(
         if n <= ladder_max_n:
             ladder = thermodynamic_row(n, basin.model, basin.x, basin.y, basin.loss_fn, truth,
                                        max_coefficient, budget)  # fmt: skip
-            LADDER_COSTS.append(("quadratic", n, ladder.loss_evaluations))
+            LADDER_COSTS.append(("ellipsoid", n, ladder.loss_evaluations, ladder.stderr))
         print(f"{'':>8} (basin built in {built:.1f} s; {frame.censored.sum()} censored)")
+        if n > ladder_max_n:
+            unrotated_ellipsoid(n, directions, budget)
+
+
+def unrotated_ellipsoid(n: int, directions: int, budget) -> None:
+    """The ladder where the rotated ellipsoid is out of reach: the same spectrum,
+    unrotated, in the indexed layout."""
+    basin = quadratic_basin(n, seed=0, layout="indexed")
+    truth = basin.log_volume(THRESHOLD)
+    longest = math.sqrt(2 * (THRESHOLD - basin.base_loss) / basin.eigenvalues.min())
+    max_coefficient = 2 * longest / math.sqrt(n)
+    label = f"{n:,}u"
+    radius_rows(basin, truth, max_coefficient, directions, label)
+    ladder = thermodynamic_row(label, basin.model, basin.x, basin.y, basin.loss_fn, truth,
+                               max_coefficient, budget)  # fmt: skip
+    LADDER_COSTS.append(("ellipsoid", n, ladder.loss_evaluations, ladder.stderr))
+    print(f"{'':>8} (u: the unrotated ellipsoid of the same spectrum, indexed layout)")
 
 
 def cross_polytopes(sizes: list[int], directions: int, budget) -> None:
     print(f"\n2. Cross-polytopes, weights over 4 decades, T = {THRESHOLD}, {directions} directions")
     header()
     for n in sizes:
-        basin = cross_polytope_basin(n, seed=0)
+        basin = cross_polytope_basin(n, seed=0, layout="indexed")
         truth = basin.log_volume(THRESHOLD)
         longest = n * (THRESHOLD - basin.base_loss) / basin.weights.min()  # along e_i
         max_coefficient = 1.5 * longest / math.sqrt(n)
         radius_rows(basin, truth, max_coefficient, directions)
         ladder = thermodynamic_row(n, basin.model, basin.x, basin.y, basin.loss_fn, truth,
                                    max_coefficient, budget)  # fmt: skip
-        LADDER_COSTS.append(("cross-polytope", n, ladder.loss_evaluations))
+        LADDER_COSTS.append(("cross-polytope", n, ladder.loss_evaluations, ladder.stderr))
 
 
 def walked_digits_mlp(hidden: list[int], directions: int, lr: float, samples: int | None):
@@ -244,7 +272,7 @@ def small_network(
     print_row(n, "laplace", laplace_row(found, n, 1.0), None, f"{probes * steps:,} HVPs",
               time.perf_counter() - began)  # fmt: skip
     ladder = thermodynamic_row(n, model, x, y, F.cross_entropy, None, 1.0, budget)
-    LADDER_COSTS.append(("digits MLP", n, ladder.loss_evaluations))
+    LADDER_COSTS.append(("digits MLP", n, ladder.loss_evaluations, ladder.stderr))
     for name, result in rows:
         print(
             f"{name} sits {result.estimate - ladder.estimate:+,.1f} nats from the thermodynamic "
@@ -253,21 +281,33 @@ def small_network(
 
 
 def scaling() -> None:
-    """Loss evaluations against n on the quadratic basins, and the projection."""
-    points = [(n, cost) for kind, n, cost in LADDER_COSTS if kind == "quadratic"]
-    print("\n5. Thermodynamic ladder cost against n (quadratic basins)")
-    for n, cost in points:
-        print(f"{n:>8,} parameters: {cost:>12,} loss evaluations ({cost / n:,.0f} per parameter)")
-    if len(points) < 2:
-        return
-    (n0, c0), (n1, c1) = points[0], points[-1]
-    power = math.log(c1 / c0) / math.log(n1 / n0)
-    projected = c1 * (MNIST_MLP / n1) ** power
-    print(
-        f"cost grows as n^{power:.2f}; projected for the MNIST MLP ({MNIST_MLP:,} parameters): "
-        f"{projected:,.3g} loss evaluations, each a forward pass over the landscape set "
-        "(the time per pass on a GPU is issue 17's measurement)"
-    )
+    """Loss evaluations to a standard error of TARGET_STDERR against n, per basin kind,
+    and the projection for the MNIST MLP from the largest two sizes of each kind. A
+    run less precise than the target is scaled up by (stderr / target)^2 (sampling
+    error falls as 1/sqrt(cost)); a more precise one counts as it is, since a ladder
+    at the default chains is the least one runs."""
+    print(f"\n5. Thermodynamic ladder cost against n, at a standard error of {TARGET_STDERR} nats")
+    for kind in dict.fromkeys(k for k, *_ in LADDER_COSTS):
+        points = []
+        for k, n, spent, stderr in LADDER_COSTS:
+            if k != kind or not (math.isfinite(stderr) and stderr > 0):
+                continue
+            points.append((n, spent * max(1.0, (stderr / TARGET_STDERR) ** 2)))
+            print(
+                f"{kind:>15} {n:>8,}: {points[-1][1]:>14,.0f} loss evaluations "
+                f"({spent:,} spent for {stderr:.2f} nats)"
+            )
+        if len(points) < 2 or kind == "digits MLP":
+            continue
+        (n0, c0), (n1, c1) = points[-2], points[-1]
+        power = math.log(c1 / c0) / math.log(n1 / n0)
+        projected = c1 * (MNIST_MLP / n1) ** power
+        hours = projected * GPU_SECONDS_PER_EVALUATION / 3600
+        print(
+            f"{kind:>15}: cost grows as n^{power:.2f}; for the MNIST MLP ({MNIST_MLP:,} "
+            f"parameters) {projected:,.3g} loss evaluations, about {hours:,.1f} h on one GPU at "
+            f"{GPU_SECONDS_PER_EVALUATION * 1e3:g} ms an evaluation (assumed; issue 17 measures it)"
+        )
 
 
 def main() -> None:
@@ -278,14 +318,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.smoke:
-        small = {"chains": 8, "steps": 4}
+        small = {"chains": 8, "steps": 4, "whitening_directions": 500}
         known_basins([100], directions=50, probes=8, steps=32, ladder_max_n=0, budget=small)
-        cross_polytopes([30], directions=50, budget=small)
+        cross_polytopes([30, 60], directions=50, budget=small)
         digits_network([32], directions=40, probes=4, steps=16)
     else:
         known_basins([100, 1000, 10_000], directions=500, probes=32, steps=64,
                      ladder_max_n=args.thermodynamic_max_n, budget={})  # fmt: skip
-        cross_polytopes([100, 1000], directions=500, budget={})
+        cross_polytopes([100, 1000, 10_000], directions=500, budget={})
         digits_network([256, 256], directions=500, probes=32, steps=64)
         small_network([32], directions=500, probes=32, steps=64, budget={})
     scaling()
