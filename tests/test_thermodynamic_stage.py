@@ -4,12 +4,19 @@ volumes.parquet equal to the Python API's estimate, resuming from stored rungs."
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+import yaml
 from threadpoolctl import threadpool_limits
 
 from volume_ray.cli import main
@@ -86,25 +93,64 @@ def test_the_stage_gives_the_python_apis_estimate(swept):
     assert names[0].endswith("__empty.parquet") and "T0.01" in names[0]
     assert names[-1].endswith("__whitening.parquet") and "T1.0" in names[-1]
     assert len(names) == 2 + len(direct.ladder)
+    # the chains' states (n numbers a chain) are kept in the last rung's file alone
+    columns = [pq.read_schema(path).names for path in rung_files(swept)]
+    assert ["gaussian" in c for c in columns] == [False] * (len(columns) - 1) + [True]
 
 
 def model_size(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_a_stage_cut_short_goes_on_from_its_stored_rungs(swept, tmp_path):
+def test_a_killed_driver_goes_on_from_the_last_stored_rung(swept, tmp_path):
+    store = copy_without_ladders(swept, tmp_path)
+    spec_path = tmp_path / "ladder.yaml"
+    spec_path.write_text(yaml.safe_dump(LADDER))
+    command = [sys.executable, "-m", "volume_ray.cli", "measure", str(spec_path),
+               "--storage", str(tmp_path)]  # fmt: skip
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 180
+    while len(rung_files(store)) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    stored = rung_files(store)
+    assert 4 <= len(stored) < len(rung_files(swept))  # killed in the middle of the ladder
+    # the last stored rung keeps its chains' states; the ones before are final already
+    survivors = {p.name: p.stat().st_mtime_ns for p in stored[:-1]}
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    for name, mtime in survivors.items():
+        assert (store.ladders / name).stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(store.volumes_path), pd.read_parquet(swept.volumes_path)
+    )
+
+
+def test_a_ladder_whose_later_rungs_are_lost_is_run_again_to_the_same_rows(swept, tmp_path):
+    """The chains' states live only in the last rung's file: with the last rungs gone,
+    the ladder reruns from its top, to the same rungs."""
     shutil.copytree(swept.root, tmp_path / "ladder")
     store = SweepStore(tmp_path, "ladder")
-    kept = {p.name: p.stat().st_mtime_ns for p in store.ladders.iterdir()}
-    for name in sorted(n for n in kept if "__rung" in n)[-2:]:  # the last two rungs lost
-        (store.ladders / name).unlink()
-        del kept[name]
+    for path in rung_files(store)[-2:]:
+        path.unlink()
     spec = load_spec(LADDER)
     stats = measure_stage(spec, store, progress=False)  # on the module's Ray
-    assert stats.ladder_tasks == 2 and stats.shards == 0  # the two lost rungs, no more
-    for name, mtime in kept.items():  # the whitening and the first rungs were kept
-        assert (store.ladders / name).stat().st_mtime_ns == mtime
+    assert stats.ladder_tasks == len(rung_files(swept)) and stats.shards == 0
     pd.testing.assert_frame_equal(aggregate_stage(spec, store), pd.read_parquet(swept.volumes_path))
+
+
+def copy_without_ladders(store: SweepStore, tmp_path) -> SweepStore:
+    shutil.copytree(store.root, tmp_path / store.root.name)
+    copy = SweepStore(tmp_path, store.root.name)
+    shutil.rmtree(copy.ladders)
+    copy.volumes_path.unlink()
+    return copy
+
+
+def rung_files(store: SweepStore) -> list:
+    return sorted(store.ladders.glob("*__rung*.parquet")) if store.ladders.exists() else []
 
 
 def test_another_ladder_budget_keeps_the_radii_and_starts_a_new_ladder(swept, tmp_path):

@@ -145,7 +145,7 @@ def pending_ladders(
 ) -> tuple[list, int]:
     """(the next task of every unfinished ladder, ladders in all), from what the store
     holds: a ladder without its whitening starts there; one with rungs goes on from its
-    last stored rung."""
+    last stored rung (from the top, the same rungs again, if a later one was lost)."""
     finished = store.ladder_files()
     tasks, every = [], ladders(spec, store, trained)
     for ladder in every:
@@ -155,6 +155,8 @@ def pending_ladders(
             tasks.append(WhiteningTask(ladder, spec.thermodynamic))
             continue
         rungs = [Rung.from_columns(c) for c in store.read_rungs(ladder.name, finished)]
+        if rungs and rungs[-1].k != 0 and rungs[-1].gaussians.shape[1] == 0:
+            rungs = []  # its states went with a later rung, since lost: rerun from the top
         if not rungs:
             tasks.append(RungTask(ladder, spec.thermodynamic, (), UNIFORM))
         else:

@@ -273,20 +273,27 @@ class SweepStore:
         )
 
     def write_rung(self, ladder: str, index: int, columns: dict) -> None:
-        """One finished rung of a ladder (`Rung.to_columns`), atomically."""
-        write_table(pd.DataFrame(columns), join(self.ladders, f"{ladder}__rung{index:04d}.parquet"))
+        """One finished rung of a ladder (`Rung.to_columns`), atomically; then the rung
+        before it loses its chains' states (n numbers a chain, all but the last rung's
+        are never read again), rewritten whole: a crash in between leaves them there."""
+        write_table(pd.DataFrame(columns), join(self.ladders, _rung_name(ladder, index)))
+        if index > 0:
+            before = _rung_name(ladder, index - 1)
+            light = self._read_ladder_file(before, columns=RUNG_LIGHT_COLUMNS)
+            write_atomic(join(self.ladders, before), lambda sink: pq.write_table(light, sink))
 
     def read_rungs(self, ladder: str, finished: set[str]) -> list[dict]:
         """The ladder's rungs 0, 1, ... as far as they run without a gap in `finished`
         (`ladder_files`), as column dicts; only the last with the chains' states."""
         count = 0
-        while f"{ladder}__rung{count:04d}.parquet" in finished:
+        while _rung_name(ladder, count) in finished:
             count += 1
         rungs = []
         for index in range(count):
             states = None if index == count - 1 else RUNG_LIGHT_COLUMNS
-            table = self._read_ladder_file(f"{ladder}__rung{index:04d}.parquet", columns=states)
-            rungs.append(table.to_pydict())
+            rungs.append(
+                self._read_ladder_file(_rung_name(ladder, index), columns=states).to_pydict()
+            )
         return rungs
 
     def _read_ladder_file(
@@ -305,6 +312,10 @@ class SweepStore:
                 f"the ladder file {join(self.ladders, name)} cannot be read ({error}): it was "
                 "damaged from outside the sweep. Delete it; a rerun computes it again."
             ) from None
+
+
+def _rung_name(ladder: str, index: int) -> str:
+    return f"{ladder}__rung{index:04d}.parquet"
 
 
 def _results_part(spec_dict: dict) -> dict:
