@@ -19,6 +19,7 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import kill_when, measure_command
 
 from volume_ray import driver
 from volume_ray.cli import main
@@ -198,17 +199,8 @@ def test_a_worker_killed_mid_shard_changes_nothing(trained, local_ray, tmp_path)
 
 def test_a_killed_driver_resumes_without_recomputing(trained, tmp_path):
     store = copy_store(trained, tmp_path, radii=False)
-    spec_path = tmp_path / "tiny.yaml"
-    spec_path.write_text(yaml.safe_dump(TINY))
-    command = [sys.executable, "-m", "volume_ray.cli", "measure", str(spec_path),
-               "--storage", str(tmp_path)]  # fmt: skip
-    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while len(list(store.radii.glob("*.parquet"))) < 4 and time.time() < deadline:
-        time.sleep(0.1)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    command = measure_command(TINY, tmp_path)
+    kill_when(command, lambda: len(list(store.radii.glob("*.parquet"))) >= 4, timeout=120)
     survivors = {p.name: p.stat().st_mtime_ns for p in store.radii.glob("*.parquet")}
     assert 4 <= len(survivors) < 24  # killed in the middle
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -4,19 +4,15 @@ volumes.parquet equal to the Python API's estimate, resuming from stored rungs."
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-import yaml
+from conftest import kill_when, measure_command
 from threadpoolctl import threadpool_limits
 
 from volume_ray.cli import main
@@ -104,17 +100,8 @@ def model_size(model) -> int:
 
 def test_a_killed_driver_goes_on_from_the_last_stored_rung(swept, tmp_path):
     store = copy_without_ladders(swept, tmp_path)
-    spec_path = tmp_path / "ladder.yaml"
-    spec_path.write_text(yaml.safe_dump(LADDER))
-    command = [sys.executable, "-m", "volume_ray.cli", "measure", str(spec_path),
-               "--storage", str(tmp_path)]  # fmt: skip
-    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 180
-    while len(rung_files(store)) < 4 and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    command = measure_command(LADDER, tmp_path)
+    kill_when(command, lambda: len(rung_files(store)) >= 4, timeout=180)
     stored = rung_files(store)
     assert 4 <= len(stored) < len(rung_files(swept))  # killed in the middle of the ladder
     # the last stored rung keeps its chains' states; the ones before are final already
