@@ -102,7 +102,10 @@ class RungTask:
         )
 
     def write(self, store: SweepStore, result: Rung) -> None:
-        store.write_rung(self.ladder.name, len(self.rungs), result.to_columns())
+        columns = result.to_columns()
+        if result.k == 0:  # the ladder is finished: its chains' states are never read again
+            del columns["gaussian"]
+        store.write_rung(self.ladder.name, len(self.rungs), columns)
 
     def following(self, result: Rung) -> list:
         return _next_rung(self.ladder, self.spec, (*self.rungs, result))
