@@ -65,6 +65,9 @@ WHITENING_ITERATIONS = 6
 WHITENING_DIRECTIONS = 50  # uniform directions per iteration, per parameter,
 MAX_WHITENING_DIRECTIONS = 20_000  # up to this many
 GROUPS = 4  # chain groups whose MBAR estimates give the chain-to-chain spread
+# The bias the whole kept half carries, in units of the drift between its two halves,
+# if each half lags half as much as the one before: biases 2d and d, mean 1.5d.
+LAG_FACTOR = 1.5
 Z = 1.959963984540054  # two-sided 95% normal quantile
 
 # What each argument of `thermodynamic_log_volume` must be, checked before any work.
@@ -87,13 +90,15 @@ class EmptyBasinError(ValueError):
 
 @dataclass(frozen=True)
 class ThermodynamicResult(EstimateResult):
-    """The estimate (MBAR) with its diagnostics: the two cross-checks, the ladder
-    (UNIFORM first, 0 last), per rung the acceptance rate, the statistical
-    inefficiency of the chains (autocorrelation time, in moves) and the effective
-    samples, and the cost (whitening included). `ess` is the fewest effective samples
-    of any rung."""
+    """The estimate (MBAR) with its diagnostics: the two cross-checks, the drift (the
+    estimate from the later half of every rung's kept moves minus the one from the
+    earlier half: chains that lag behind the ladder show it), the ladder (UNIFORM
+    first, 0 last), per rung the acceptance rate, the statistical inefficiency of the
+    chains (autocorrelation time, in moves) and the effective samples, and the cost
+    (whitening included). `ess` is the fewest effective samples of any rung."""
 
     thermodynamic_integration: float = math.nan
+    drift: float = math.nan
     annealed_importance: float = math.nan
     ladder: np.ndarray = field(default_factory=lambda: np.empty(0))
     acceptance: np.ndarray = field(default_factory=lambda: np.empty(0))
@@ -191,7 +196,12 @@ def estimate_from_rungs(
 ) -> ThermodynamicResult:
     """The estimate from a finished ladder (UNIFORM first, k = 0 last), its
     cross-checks and diagnostics; `whitening_cost` is (radius searches, loss
-    evaluations) spent on the whitening, added to the rungs' own."""
+    evaluations) spent on the whitening, added to the rungs' own.
+
+    The interval's half-width adds three things: 1.96 standard errors (MBAR's
+    uncertainty and the spread between chain groups), LAG_FACTOR times the drift
+    (neither of the first two sees a lag that every chain shares), and n·rtol (each
+    radius is known only to its bracket, so the log-volume to n times that)."""
     ladder = [rung.k for rung in rungs]
     samples = [rung.trace for rung in rungs]
     chains = len(rungs[0].radii)
@@ -199,12 +209,11 @@ def estimate_from_rungs(
     groups = np.array_split(np.arange(chains), GROUPS)
     spread = np.std([_mbar(ladder, [s[:, g] for s in samples], n)[0] for g in groups], ddof=1)
     stderr = math.sqrt(mbar_error**2 + spread**2 / GROUPS)
+    drift = _drift(ladder, samples, n)
     inefficiency = np.array([_inefficiency(trace) for trace in samples])
     effective = samples[0].size / inefficiency
-    valid = math.isfinite(stderr)
-    # each radius is known to a relative DEFAULT_RTOL (its bracket), so the log
-    # volume to n times that, whatever the sampling: the interval carries it too
-    half_width = Z * stderr + n * DEFAULT_RTOL
+    valid = math.isfinite(stderr) and math.isfinite(drift)
+    half_width = Z * stderr + LAG_FACTOR * abs(drift) + n * DEFAULT_RTOL
     return ThermodynamicResult(
         estimate=estimate,
         stderr=stderr,
@@ -213,6 +222,7 @@ def estimate_from_rungs(
         ess=float(effective.min()),
         ci_valid=valid,
         thermodynamic_integration=_integrated(ladder, samples, n),
+        drift=drift,
         annealed_importance=_annealed(rungs, n),
         ladder=np.array(ladder),
         acceptance=np.array([rung.acceptance for rung in rungs]),
@@ -221,6 +231,18 @@ def estimate_from_rungs(
         radius_searches=whitening_cost[0] + sum(rung.radius_searches for rung in rungs),
         loss_evaluations=whitening_cost[1] + sum(rung.loss_evaluations for rung in rungs),
     )
+
+
+def _drift(ladder: list[float], samples: list[np.ndarray], n: int) -> float:
+    """MBAR from the later half of every restrained rung's kept moves minus MBAR from
+    the earlier half (the uniform rung's exact samples in both); NaN with a single kept
+    move, where no drift can be seen."""
+    half = samples[-1].shape[0] // 2
+    if half == 0:
+        return math.nan
+    first = _mbar(ladder, [samples[0], *[s[:half] for s in samples[1:]]], n)[0]
+    second = _mbar(ladder, [samples[0], *[s[-half:] for s in samples[1:]]], n)[0]
+    return second - first
 
 
 def _annealed(rungs: list[Rung], n: int) -> float:
