@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from volume_ray.basins import cross_polytope_basin, quadratic_basin
 from volume_ray.polar import UNIFORM
-from volume_ray.thermodynamic import thermodynamic_log_volume
+from volume_ray.search import DEFAULT_RTOL
+from volume_ray.thermodynamic import LAG_FACTOR, Z, thermodynamic_log_volume
 
 THRESHOLD = 0.1
 
@@ -46,6 +47,10 @@ def test_the_volume_of_an_ellipsoid_at_n_100_is_within_3_nats_and_covered():
     assert len(result.acceptance) == len(result.ladder) == len(result.effective_samples)
     assert np.all(result.acceptance[1:] > 0.2) and np.all(result.inefficiency >= 1)
     assert result.loss_evaluations > result.radius_searches > 0
+    # the interval: the standard error, the drift between the kept halves, the radii's rtol
+    half_width = Z * result.stderr + LAG_FACTOR * abs(result.drift) + 100 * DEFAULT_RTOL
+    assert result.ci_high - result.estimate == pytest.approx(half_width)
+    assert result.estimate - result.ci_low == pytest.approx(half_width)
 
 
 def test_the_volume_of_a_cross_polytope_at_n_100_is_within_3_nats_and_covered():
