@@ -141,11 +141,11 @@ def quadratic_basin(
     the unrotated ellipsoid, Q = I, as rows (i, sqrt(n mu_i)) to a `CoordinateLookup`.
     """
     generator = _check(n, decades, scale, seed, dtype)
+    _check_layout(layout)
     mu = _log_spaced(n, decades, scale)  # (n,) descending
     if layout == "indexed":
         x = _indexed(np.sqrt(n * mu), dtype)
         return _basin(x, F.mse_loss, generator, "quadratic", np.sort(2 * mu), None, layout)
-    _check_layout(layout)
     gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
     reflectors, tau = torch.geqrf(gaussian)
     del gaussian
@@ -178,7 +178,7 @@ def cross_polytope_basin(
     _check_layout(layout)
     a = _log_spaced(n, decades, scale)
     x = torch.diag(torch.from_numpy(a).to(dtype)) if layout == "dense" else _indexed(a, dtype)
-    weights = x.diagonal().double().numpy() if layout == "dense" else x[:, 1].double().numpy()
+    weights = torch.from_numpy(a).to(dtype).double().numpy()  # as the model sees them
     return _basin(x, F.l1_loss, generator, "cross_polytope", None, weights, layout)
 
 

@@ -48,8 +48,7 @@ class _Ladder:
         return f"{what} {self.pair.model_id} L{self.pair.landscape_size} T{self.threshold:g}"
 
     def arguments(self) -> tuple:
-        p = self.pair
-        return p.model_id, self.checkpoint, self.seed, p.landscape_extra, self.threshold, self.name
+        return self.checkpoint, self.seed, self.pair.landscape_extra, self.threshold, self.name
 
 
 @dataclass(frozen=True)

@@ -130,8 +130,9 @@ def thermodynamic_log_volume(
 
     `rungs` fixes the ladder's length (None: placed adaptively); `chains` run side by
     side, `steps` moves each per rung. The standard error adds MBAR's uncertainty to
-    the spread between GROUPS groups of chains; the interval also carries the radius
-    search's precision, n·rtol. The caller's model is left as it was.
+    the spread between GROUPS groups of chains; the interval also carries the drift
+    and the radius search's precision (`estimate_from_rungs`). The caller's model is
+    left as it was.
     """
     check(ARGUMENT_RULES, locals())
     chains, steps = chains or CHAINS, steps or STEPS

@@ -73,15 +73,11 @@ def _denoised(second: np.ndarray, n: int, directions: int, dense: bool) -> np.nd
     noise is 2n/m in squared norm on the diagonal and n(n-1)/m off it; shrinking the
     two apart keeps a diagonal anisotropy (a cross-polytope's, known to 2n/m) exact
     while the off-diagonal noise, n/2 times larger, goes."""
+    diagonal = np.diag(second) if dense else second
+    kept = 1.0 + _shrunk(diagonal - 1.0, 2 * n / directions)
     if not dense:
-        return 1.0 + _shrunk(second - 1.0, 2 * n / directions)
-    diagonal = np.diag(second) - 1.0
-    off = second - np.diag(np.diag(second))
-    return (
-        np.eye(n)
-        + np.diag(_shrunk(diagonal, 2 * n / directions))
-        + _shrunk(off, n * (n - 1) / directions)
-    )
+        return kept
+    return np.diag(kept) + _shrunk(second - np.diag(diagonal), n * (n - 1) / directions)
 
 
 def _shrunk(excess: np.ndarray, noise: float) -> np.ndarray:

@@ -43,7 +43,7 @@ class VolumeWorker:
         self.loaded: tuple[str, int] | None = None
         self.meter = None
         self.ladder: str | None = None  # the ladder whose basin is held
-        self.basin, self.whitened = None, False
+        self.basin = None
         tags = ("sweep", "model", "landscape")
         self.directions = metrics.Counter(
             "volume_ray_directions_measured", "directions measured", tag_keys=tags
@@ -140,44 +140,40 @@ class VolumeWorker:
         }
 
     def whitening(
-        self, model_id: str, checkpoint: str, seed: int, landscape_extra: int, threshold: float,
-        ladder: str,
+        self, checkpoint: str, seed: int, landscape_extra: int, threshold: float, ladder: str
     ) -> tuple[np.ndarray | None, dict | str]:  # fmt: skip
         """A ladder's whitening and its cost, or (None, why) when its basin is empty."""
         configure_process()
         try:
-            basin = self._basin(model_id, checkpoint, seed, landscape_extra, threshold, ladder)
+            basin = self._basin(checkpoint, seed, landscape_extra, threshold, ladder, False)
         except EmptyBasinError as error:
             return None, str(error)
         t = self.spec.thermodynamic
         basin.whitening = basin_whitening(basin, t.seed, t.whitening_directions)
-        self.whitened = True
         return basin.whitening, {
             "radius_searches": basin.searches,
             "loss_evaluations": basin.evaluations,
         }
 
     def rung(
-        self, model_id: str, checkpoint: str, seed: int, landscape_extra: int, threshold: float,
-        ladder: str, index: int, k: float, previous: Rung | None,
+        self, checkpoint: str, seed: int, landscape_extra: int, threshold: float, ladder: str,
+        index: int, k: float, previous: Rung | None,
     ) -> Rung:  # fmt: skip
         """Rung `index` of a whitened ladder at restraint k, from `previous` (None: the
         uniform rung at the top)."""
         configure_process()
-        basin = self._basin(model_id, checkpoint, seed, landscape_extra, threshold, ladder)
-        if not self.whitened:
-            basin.whitening = self.store.read_whitening(ladder)
-            self.whitened = True
+        basin = self._basin(checkpoint, seed, landscape_extra, threshold, ladder, True)
         t, generator = self.spec.thermodynamic, rung_generator(self.spec.thermodynamic.seed, index)
         if previous is None:
             return uniform_rung(basin, t.chains, t.steps, generator)
         return advance(basin, previous, k, t.steps, generator)
 
     def _basin(
-        self, model_id: str, checkpoint: str, seed: int, landscape_extra: int, threshold: float,
-        ladder: str,
+        self, checkpoint: str, seed: int, landscape_extra: int, threshold: float, ladder: str,
+        stored_whitening: bool,
     ):  # fmt: skip
-        """The basin of a ladder on the device, built once."""
+        """The basin of a ladder on the device, built once; when built here for a rung,
+        whitened by the ladder's stored whitening (the whitening task sets its own)."""
         if self.ladder != ladder:
             self._free()
             model, x, y = self._pair(checkpoint, seed, landscape_extra)
@@ -187,13 +183,14 @@ class VolumeWorker:
                 max_coefficient=v.max_coefficient, batch_size=v.batch_size,
                 device=self.device, seed=self.spec.thermodynamic.seed,
             )  # fmt: skip
+            if stored_whitening:
+                self.basin.whitening = self.store.read_whitening(ladder)
             self.ladder = ladder
         return self.basin
 
     def _free(self) -> None:
         """Drop what the held pair keeps on the device, before another pair's."""
         self.meter = self.loaded = self.basin = self.ladder = None
-        self.whitened = False
 
     @ray.method(max_task_retries=-1)  # a ping waits for a restart, fails only past the last
     def pid(self) -> int:
