@@ -450,6 +450,8 @@ BAD = [
     ({"coefficients": [0.1, 0.2]}, "search='grid'"),
     ({"batch_size": 0}, "batch_size"),
     ({"seed": -1}, "seed"),
+    ({"direction_rng": "gpu"}, "direction_rng"),
+    ({"allow_tf32": 1}, "allow_tf32"),
 ]
 
 

@@ -34,6 +34,7 @@ from volume_ray.checks import (
     resolve_device,
 )
 from volume_ray.directions import FilterNorm, perturbed_parameters
+from volume_ray.precision import float32_precision
 
 __all__ = ["SAMPLES_PER_PASS", "Curvature", "HessianOperator", "curvature"]
 
@@ -66,7 +67,8 @@ class HessianOperator:
     have no forward-mode derivative (the switch is process-wide while a product runs).
     The operator computes on a copy of the model of its own, on `device` (None: the
     model's), in eval mode and in the model's dtype: the caller's model is never
-    touched. `count` is the number of products so far, one per vector.
+    touched. Float32 products run at full precision unless `allow_tf32`
+    (`volume_ray.precision`). `count` is the number of products so far, one per vector.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class HessianOperator:
         scale: torch.Tensor | None = None,
         batch_size: int | None = None,
         device: str | torch.device | None = None,
+        allow_tf32: bool = False,
     ):
         if len(x) == 0 or len(x) != len(y):
             raise ValueError(
@@ -88,7 +91,7 @@ class HessianOperator:
         if batch_size is not None:
             check_int("batch_size", batch_size, minimum=1)
         self.model = private_copy(model, resolve_device(device, model))
-        self.loss_fn = loss_fn
+        self.loss_fn, self.allow_tf32 = loss_fn, allow_tf32
         self.params = perturbed_parameters(self.model)
         self.n = self.params.count
         flat = self.params.flat
@@ -120,7 +123,7 @@ class HessianOperator:
         leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
         hooks = [m.register_forward_hook(count) for m in leaves]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), float32_precision(self.allow_tf32):
                 self.model(sample)
         finally:
             for hook in hooks:
@@ -129,7 +132,7 @@ class HessianOperator:
 
     def _loss(self, z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w = self.params.flat + (z if self.scale is None else self.scale * z)
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), float32_precision(self.allow_tf32):
             outputs = functional_call(self.model, {**self.fixed, **self.params.tensors(w)}, (x,))
         return self.loss_fn(outputs, y)
 
@@ -137,8 +140,9 @@ class HessianOperator:
         """The mean loss at w*, after checking that loss_fn has a second derivative."""
         zero = torch.zeros_like(self.params.flat)
         x, y, _ = self.chunks[0]
-        outputs = functional_call(self.model, {**self.fixed, **self.params.tensors(zero)}, (x,))
-        outputs = outputs.detach().requires_grad_()
+        with float32_precision(self.allow_tf32):
+            weights = {**self.fixed, **self.params.tensors(zero)}
+            outputs = functional_call(self.model, weights, (x,)).detach().requires_grad_()
         value = self.loss_fn(outputs, y)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError("loss_fn must return the batch mean as a scalar tensor")
@@ -360,6 +364,7 @@ def curvature(
     seed: int = 0,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    allow_tf32: bool = False,
 ) -> Curvature:
     """Curvature of the mean `loss_fn` on (x, y) at the model's weights, in z.
 
@@ -382,7 +387,14 @@ def curvature(
     scale = FilterNorm(params, filter_norm).scale  # raises for li2018
     device = resolve_device(device, model)
     operator = HessianOperator(
-        model, x, y, loss_fn, scale=scale.to(device), batch_size=batch_size, device=device
+        model,
+        x,
+        y,
+        loss_fn,
+        scale=scale.to(device),
+        batch_size=batch_size,
+        device=device,
+        allow_tf32=allow_tf32,
     )
     n = operator.n
     # Probes run side by side, as many as one pass of the model takes and the bases fit.

@@ -3,7 +3,12 @@
 Direction i of seed s is the paper's convention exactly: a CPU generator seeded with
 s + i draws one standard-normal tensor per perturbed parameter, in
 `named_parameters()` order. Those are the numbers `torch.manual_seed(s + i)` followed
-by `randn_like` on the CPU would give, but the global RNG is never touched.
+by `randn_like` on the CPU would give, but the global RNG is never touched. That is
+paper parity, and the default (`direction_rng="cpu"`). On a GPU those draws cost CPU
+time and a copy: `direction_rng="device"` draws direction i on the device instead,
+one normal vector of n from a generator of that device seeded from (s, i) (Philox on
+CUDA). It is reproducible per (seed, i) on a device kind, whatever the sharding, but
+its numbers are not the paper's.
 
 Directions live as rows of a flat matrix whose columns follow the concatenated
 perturbed parameters. Filter normalisation turns raw Gaussians `g` into the
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DIRECTION_RNGS",
     "FILTER_NORMS",
     "PerturbedParameters",
     "FilterNorm",
@@ -27,6 +33,7 @@ __all__ = [
 ]
 
 FILTER_NORMS = ("paper", "none", "li2018")
+DIRECTION_RNGS = ("cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -86,14 +93,38 @@ def perturbed_parameters(model: nn.Module) -> PerturbedParameters:
     )
 
 
-def raw_directions(params: PerturbedParameters, seed: int, indices: Sequence[int]) -> torch.Tensor:
-    """The raw Gaussians g of directions `indices`: (len(indices), n), on the CPU."""
-    rows = torch.empty(len(indices), params.count, dtype=params.flat.dtype)
+def raw_directions(
+    params: PerturbedParameters,
+    seed: int,
+    indices: Sequence[int],
+    *,
+    rng: str = "cpu",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The raw Gaussians g of directions `indices`: (len(indices), n). With rng "cpu"
+    on the CPU (into `out` when given, a pinned buffer say); with rng "device" on the
+    device of `params.flat`."""
+    if rng == "device":
+        device = params.flat.device
+        rows = torch.empty(len(indices), params.count, dtype=params.flat.dtype, device=device)
+        for row, index in zip(rows, indices):
+            generator = torch.Generator(device).manual_seed(device_seed(seed, index))
+            torch.randn(params.count, generator=generator, dtype=rows.dtype, device=device, out=row)
+        return rows
+    rows = (
+        out if out is not None else torch.empty(len(indices), params.count, dtype=params.flat.dtype)
+    )
     for row, index in zip(rows, indices):
         generator = torch.Generator().manual_seed(seed + index)
         for shape, block in zip(params.shapes, params.tensors(row).values()):
             torch.randn(shape, generator=generator, dtype=rows.dtype, out=block)
     return rows
+
+
+def device_seed(seed: int, index: int) -> int:
+    """The device generator's seed of direction `index` of `seed`: one per pair, unlike
+    the paper's seed + index, under which (s, i + 1) and (s + 1, i) share a direction."""
+    return (seed << 32) + index
 
 
 class FilterNorm:

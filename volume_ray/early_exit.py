@@ -6,6 +6,13 @@ partial sum over some of the samples bounds the full one from below, and for
 accuracy, whose terms are at most 1, also from above. Scoring stops as soon as the
 bounds decide the question. With the samples ordered hardest first (`sample_order`),
 a point past the level proves it within the first chunks.
+
+On a GPU every bound brought to the host to decide is a sync that stalls the device.
+`ChunkedSum.sum_on_device` applies the same rule with the sums, the counts and the
+still-active flags kept on the device: a decided point is masked rather than dropped,
+so every chunk is computed for every point (the early exit saves no work there) but
+the bounds, the samples counted and the outputs kept are those of `sum`, and reach the
+host once, when the caller asks for them.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ __all__ = ["ChunkedSum", "Scores", "chunks"]
 FIRST_CHUNK_FRACTION = 1 / 8  # without batch_size: the hardest eighth is scored first,
 MAX_AUTO_BATCH = 4096  # then the rest in chunks of at most this many samples
 
-# outputs_of(active, chunk) -> (outputs (P', B, ...), sums (P',)) of the active points
-ChunkScorer = Callable[[list[int], slice], tuple[torch.Tensor, list[float]]]
+# score_chunk(active, chunk) -> (outputs (P', B, ...), sums (P',) float64) of the active
+# points (on the device: of every point, whatever `active` says)
+ChunkScorer = Callable[[list[int], slice], tuple[torch.Tensor, torch.Tensor]]
 
 
 def chunks(size: int, batch_size: int | None, *, early_exit: bool) -> list[tuple[int, int]]:
@@ -80,13 +88,11 @@ class ChunkedSum:
         totals, samples = [0.0] * len(stop_above), [0] * len(stop_above)
         pieces: list[list[torch.Tensor]] = [[] for _ in stop_above]
         active = list(range(len(stop_above)))
-        bounded = [*stop_above, *(stop_below if math.isfinite(self.sample_max) else [])]
-        plan = self.early_chunks if any(map(math.isfinite, bounded)) else self.full_chunks
-        for start, stop in plan:
+        for start, stop in self.plan(stop_above, stop_below):
             outputs, sums = score_chunk(active, slice(start, stop))
-            rest = (self.size - stop) * self.sample_max if stop < self.size else 0.0  # at most
+            rest = self._rest(stop)
             still = []
-            for point, total, output in zip(active, sums, outputs.unbind()):
+            for point, total, output in zip(active, sums.tolist(), outputs.unbind()):
                 totals[point] += total
                 samples[point] = stop
                 if keep_outputs:
@@ -102,6 +108,55 @@ class ChunkedSum:
             for parts, n in zip(pieces, samples)
         ]
         return totals, samples, whole
+
+    def sum_on_device(
+        self,
+        score_chunk: ChunkScorer,
+        stop_above: torch.Tensor,
+        stop_below: torch.Tensor,
+        plan: list[tuple[int, int]],
+        *,
+        keep_outputs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """`sum`'s rule without a sync: the partial sums (G,) float64 and samples scored
+        (G,) int64 of G points as device tensors, and, with `keep_outputs`, each chunk's
+        outputs (G, B, ...) of every point; `whole_outputs` picks the kept ones out once
+        the counts are on the host. `stop_above` and `stop_below` are (G,) float64
+        tensors on the device (whose copy there, made before the round's work is queued,
+        waits for nothing), `plan` is `plan` of them on the host."""
+        device = stop_above.device
+        totals = torch.zeros(len(stop_above), dtype=torch.float64, device=device)
+        samples = torch.zeros(len(stop_above), dtype=torch.int64, device=device)
+        active = torch.ones(len(stop_above), dtype=torch.bool, device=device)
+        everyone = list(range(len(stop_above)))
+        pieces = []
+        for start, stop in plan:
+            outputs, sums = score_chunk(everyone, slice(start, stop))
+            totals = torch.where(active, totals + sums, totals)
+            samples = torch.where(active, stop, samples)
+            active &= (totals <= stop_above) & (totals + self._rest(stop) > stop_below)
+            if keep_outputs:
+                pieces.append(outputs)
+        return totals, samples, pieces
+
+    def whole_outputs(
+        self, pieces: list[torch.Tensor], samples: np.ndarray
+    ) -> list[torch.Tensor | None]:
+        """From `sum_on_device`'s chunk outputs, each point's outputs on every sample
+        where it was scored fully (samples[k] == size), else None."""
+        return [
+            torch.cat([piece[k] for piece in pieces]) if pieces and n == self.size else None
+            for k, n in enumerate(samples)
+        ]
+
+    def plan(self, stop_above: list[float], stop_below: list[float]) -> list[tuple[int, int]]:
+        """The early-exit chunks where some bound can stop a point, else the full ones."""
+        bounded = [*stop_above, *(stop_below if math.isfinite(self.sample_max) else [])]
+        return self.early_chunks if any(map(math.isfinite, bounded)) else self.full_chunks
+
+    def _rest(self, stop: int) -> float:
+        """At most what the samples after `stop` can add."""
+        return (self.size - stop) * self.sample_max if stop < self.size else 0.0
 
     def scores(
         self, totals: np.ndarray, samples: np.ndarray, outputs: list[torch.Tensor | None]

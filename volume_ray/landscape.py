@@ -14,6 +14,8 @@ It composes the core's pieces, each in a module of its own:
 
 The landscape computes on a copy of the model of its own, whose parameters are views
 of one buffer that holds the point being scored: the caller's model is never touched.
+With `sync_once` (the device path, for a GPU) a call to `score` queues all its work
+and brings the bounds to the host once, at its end (`ChunkedSum.sum_on_device`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Landscape:
     `metric="loss"` sums `loss_fn` per sample (the loss is assumed to be a mean over
     the batch of non-negative per-sample terms, as the usual PyTorch losses are);
     `metric="accuracy"` counts errors. Points are w* + c*d for directions d prepared
-    by `prepare`; `points_per_pass > 1` scores that many per forward pass. The input
+    by `prepare`; `points_per_pass > 1` scores that many per forward pass; `sync_once`
+    keeps the partial sums on the device until a `score` call ends. The input
     layer's output is kept when it holds at most INPUT_LAYER_FLOATS. With
     `keep_outputs` (loss metric, outputs up to OUTPUT_FLOATS), fully scored points
     return their outputs, for `surrogate()`.
@@ -81,8 +84,10 @@ class Landscape:
         batch_size: int | None = None,
         points_per_pass: int = 1,
         keep_outputs: bool = True,
+        sync_once: bool = False,
     ):
         self.model = private_copy(model, x.device)
+        self.sync_once = sync_once
         self.params = perturbed_parameters(self.model)
         self.loss_fn = faster_loss(loss_fn, y) or loss_fn
         self.metric = metric
@@ -204,15 +209,15 @@ class Landscape:
         with self._kept.giving(h):
             return self._forward(flat, x)
 
-    def _sums(self, outputs: torch.Tensor, y: torch.Tensor) -> list[float]:
-        """Summed metric of a chunk, per weight set: outputs (P, B, ...) -> P sums."""
+    def _sums(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed metric of a chunk, per weight set: outputs (P, B, ...) -> (P,) float64."""
         if self.metric == "accuracy":
             errors = (1 - sample_accuracy(outputs, y).double()).sum(1)  # (P,)
             broken = ~torch.isfinite(outputs).flatten(1).all(1)  # NaN logits argmax to 0
-            return errors.masked_fill(broken, math.nan).tolist()
+            return errors.masked_fill(broken, math.nan)
         if len(outputs) == 1:
-            return [self.loss_fn(outputs[0], y).item() * len(y)]
-        return (losses_per_set(self.loss_fn, outputs, y).double() * len(y)).tolist()
+            return (self.loss_fn(outputs[0], y).double() * len(y)).reshape(1)
+        return losses_per_set(self.loss_fn, outputs, y).double() * len(y)
 
     @torch.no_grad()
     def score(
@@ -232,6 +237,8 @@ class Landscape:
         """
         if self.metric == "loss" and not self.losses_nonnegative:
             stop_above = np.full(len(rows), math.inf)
+        if self.sync_once:
+            return self._score_on_device(prepared, rows, coefficients, stop_above, stop_below)
         origin, directions = self.params.flat, prepared.directions
         count = len(rows)
         totals = np.zeros(count)
@@ -240,20 +247,17 @@ class Landscape:
         for first in range(0, count, self.points_per_pass):
             group = slice(first, first + self.points_per_pass)
             if count - first == 1 or self.points_per_pass == 1:
-                row, c = rows[first], coefficients[first]
-                torch.add(origin, directions[row], alpha=c, out=self._point)
-                h = None if prepared.layer_outputs is None else prepared.layer_outputs[row]
-
-                def score_chunk(_active, chunk, h=h, c=c):
-                    return self._scored(self._one_point(h, c, chunk), chunk)
-
+                score_chunk = self._one_point_scorer(prepared, rows[first], coefficients[first])
             else:
                 picked = list(rows[group])
                 scale = origin.new_tensor(coefficients[group])
                 weights = torch.addcmul(origin, scale[:, None], directions[picked])  # (G, n)
 
                 def score_chunk(active, chunk, picked=picked, scale=scale, weights=weights):
-                    outputs = self._many_points(prepared, active, chunk, picked, scale, weights)
+                    index = torch.as_tensor(active, device=weights.device)
+                    outputs = self._many_points(
+                        prepared, chunk, [picked[k] for k in active], scale[index], weights[index]
+                    )
                     return self._scored(outputs, chunk)
 
             sums = self.chunked.sum(
@@ -263,7 +267,62 @@ class Landscape:
             totals[group], samples[group], outputs[group] = sums
         return self.chunked.scores(totals, samples, outputs)
 
-    def _scored(self, outputs: torch.Tensor, chunk: slice) -> tuple[torch.Tensor, list[float]]:
+    def _score_on_device(
+        self,
+        prepared: Prepared,
+        rows: Sequence[int],
+        coefficients: Sequence[float],
+        stop_above: np.ndarray,
+        stop_below: np.ndarray,
+    ) -> Scores:
+        """`score` with one host sync: every group's work queued on the device, the
+        bounds brought back together at the end. The round's numbers go to the device
+        first, through pinned memory, so that their copy waits for nothing."""
+        origin, directions = self.params.flat, prepared.directions
+        count = len(rows)
+        bounds = np.stack([stop_above, stop_below, np.asarray(coefficients, dtype=np.float64)])
+        above, below, scales = _on_device(bounds, origin.device)
+        indices = _on_device(np.asarray(rows, dtype=np.int64), origin.device)
+        groups = [
+            slice(first, first + self.points_per_pass)
+            for first in range(0, count, self.points_per_pass)
+        ]
+        found = []
+        for group in groups:
+            first = group.start
+            if count - first == 1 or self.points_per_pass == 1:
+                score_chunk = self._one_point_scorer(prepared, rows[first], coefficients[first])
+            else:
+                picked = list(rows[group])
+                scale = scales[group].to(origin.dtype)
+                weights = torch.addcmul(origin, scale[:, None], directions[indices[group]])
+
+                def score_chunk(_active, chunk, picked=picked, scale=scale, weights=weights):
+                    return self._scored(
+                        self._many_points(prepared, chunk, picked, scale, weights), chunk
+                    )
+
+            plan = self.chunked.plan(stop_above[group].tolist(), stop_below[group].tolist())
+            found.append(self.chunked.sum_on_device(
+                score_chunk, above[group], below[group], plan, keep_outputs=self.keeps_outputs
+            ))  # fmt: skip
+        totals = torch.cat([t for t, _, _ in found])
+        samples = torch.cat([n for _, n, _ in found])
+        on_host = torch.stack([totals, samples.double()]).cpu().numpy()  # the one sync
+        totals, samples = on_host[0], on_host[1].astype(np.int64)
+        outputs = [
+            kept for group, (_, _, pieces) in zip(groups, found)
+            for kept in self.chunked.whole_outputs(pieces, samples[group])
+        ]  # fmt: skip
+        return self.chunked.scores(totals, samples, outputs)
+
+    def _one_point_scorer(self, prepared: Prepared, row: int, c: float):
+        """A chunk scorer of the point w* + c * d[row], loaded into `_point`."""
+        torch.add(self.params.flat, prepared.directions[row], alpha=c, out=self._point)
+        h = None if prepared.layer_outputs is None else prepared.layer_outputs[row]
+        return lambda _active, chunk: self._scored(self._one_point(h, c, chunk), chunk)
+
+    def _scored(self, outputs: torch.Tensor, chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return outputs, self._sums(outputs, self.y[chunk])
 
     def _one_point(self, h: torch.Tensor | None, c: float, chunk: slice) -> torch.Tensor:
@@ -277,17 +336,24 @@ class Landscape:
     def _many_points(
         self,
         prepared: Prepared,
-        active: list[int],
         chunk: slice,
         picked: list[int],
         scale: torch.Tensor,
         weights: torch.Tensor,
     ) -> torch.Tensor:
-        """Outputs (G', B, ...) on a chunk of the still-active points of a group."""
-        index = torch.as_tensor(active, device=weights.device)
+        """Outputs (G, B, ...) on a chunk of G points w* + scale[k] * d[picked[k]],
+        whose weights are given stacked (G, n)."""
         if prepared.layer_outputs is None:
-            return vmap(self._forward, in_dims=(0, None))(weights[index], self.x[chunk])
-        g = torch.stack([prepared.layer_outputs[picked[k]][chunk] for k in active])
-        h = self._layer_output[chunk] + scale[index].view(-1, *[1] * (g.dim() - 1)) * g
+            return vmap(self._forward, in_dims=(0, None))(weights, self.x[chunk])
+        g = torch.stack([prepared.layer_outputs[row][chunk] for row in picked])
+        h = self._layer_output[chunk] + scale.view(-1, *[1] * (g.dim() - 1)) * g
         forward = vmap(self._forward_from, in_dims=(0, 0, None))
-        return forward(weights[index], h, self.x[chunk])
+        return forward(weights, h, self.x[chunk])
+
+
+def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` on `device`, copied from pinned memory without waiting on a GPU."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -5,6 +5,12 @@ tie arguments together), then glues the core together: directions from `directio
 scoring from `landscape`, one search per direction from `search`. Directions are
 processed in blocks; within a block, every direction's next proposal is scored in one
 call, so a device can batch them.
+
+On a GPU (the device path, `RadiusMeter(device_path=...)`) a block holds as many
+directions as a fraction of the free memory allows, one forward pass as many points
+as a calibration at set-up found fastest (`device_budget`), each round of the searches
+syncs with the host once (`Landscape(sync_once=True)`), and the next block's
+directions are drawn while this one is walked (`direction_prefetch`).
 """
 
 from __future__ import annotations
@@ -31,9 +37,18 @@ from volume_ray.checks import (
     resolve_device,
 )
 from volume_ray.curvature import HessianOperator
-from volume_ray.directions import FILTER_NORMS, FilterNorm, perturbed_parameters, raw_directions
+from volume_ray.device_budget import CANDIDATES, calibrated_points_per_pass, memory_budget
+from volume_ray.direction_prefetch import prefetched
+from volume_ray.directions import (
+    DIRECTION_RNGS,
+    FILTER_NORMS,
+    FilterNorm,
+    perturbed_parameters,
+    raw_directions,
+)
 from volume_ray.landscape import METRICS, Landscape
 from volume_ray.parallel_walks import ParallelWalks
+from volume_ray.precision import float32_precision
 from volume_ray.search import (
     DEFAULT_RTOL,
     MIN_RTOL,
@@ -60,8 +75,6 @@ RADII_COLUMNS = [
     "data_passes",
     "nonfinite",
 ]
-BLOCK_FLOATS = 2**24  # scalars held per block of directions (64 MiB in fp32), see below
-CUDA_POINTS_PER_PASS = 16  # default batch of weight sets per forward pass on a GPU
 
 # What each argument of `RadiusMeter` must be, checked in this order before any work;
 # `_check_arguments` adds the rules that tie arguments together.
@@ -78,6 +91,10 @@ ARGUMENT_RULES = {
     "parallel_walks": optional(integer(1)),
     "full_curve": BOOLEAN,
     "quadratic_radii": BOOLEAN,
+    "allow_tf32": BOOLEAN,
+    "direction_rng": one_of(DIRECTION_RNGS),
+    "device_path": optional(BOOLEAN),
+    "memory_fraction": real(0, 1, low_open=True),
 }
 
 
@@ -102,6 +119,8 @@ def measure_radii(
     full_curve: bool = False,
     points_per_pass: int | None = None,
     quadratic_radii: bool = False,
+    allow_tf32: bool = False,
+    direction_rng: str = "cpu",
 ) -> pd.DataFrame:
     """Walk from the trained weights along directions `start .. start+num_directions-1`
     until the metric on (x, y) first passes each threshold.
@@ -120,11 +139,17 @@ def measure_radii(
       warning; `nonfinite` flags radii set by a NaN or inf metric.
     - `batch_size` chunks the data; `device` picks where the work runs (the model is
       copied there if it lives elsewhere); `points_per_pass` weight sets share a
-      forward pass (default 1 on CPU, where batching does not pay).
+      forward pass (default: 1 on the CPU, where batching does not pay; on a GPU, the
+      fastest of a few sizes timed at set-up).
     - `quadratic_radii=True` adds a column `radius_quadratic`: the radius a quadratic
       basin with the landscape's Hessian H at the trained weights would give along the
       direction, |g|*sqrt(2(T - L*)/dᵀHd), from one Hessian-vector product per direction
       (inf where dᵀHd <= 0). Where it parts from `radius`, the basin is not quadratic.
+    - On a GPU, float32 products run at full precision unless `allow_tf32=True`
+      (`volume_ray.precision`), so that GPU radii equal CPU radii within rtol.
+    - `direction_rng="cpu"` draws direction i as the paper does, from a CPU generator
+      seeded with seed + i; `"device"` draws it on the device from a generator seeded
+      from (seed, i): no CPU time, reproducible, but not the paper's directions.
     - On the CPU, walks run in parallel, one per torch thread, each op on a single
       thread (`volume_ray.parallel_walks`): radii are those of one thread, whatever the
       thread count, and `loss_fn` may be called from several threads at once. Each
@@ -141,6 +166,7 @@ def measure_radii(
         filter_norm=filter_norm, search=search, coefficients=coefficients, rtol=rtol,
         max_coefficient=max_coefficient, batch_size=batch_size, device=device,
         full_curve=full_curve, points_per_pass=points_per_pass, quadratic_radii=quadratic_radii,
+        allow_tf32=allow_tf32, direction_rng=direction_rng,
     )  # fmt: skip
     return meter.measure(start, num_directions)
 
@@ -154,7 +180,10 @@ class RadiusMeter:
     `parallel_walks`: how many walks run at once, each on a thread of its own with
     torch's ops on one thread (see `parallel_walks`); by default torch's thread count
     on the CPU (fewer for large models), 1 on a GPU. One walk at a time runs each op
-    on torch's threads instead.
+    on torch's threads instead. `device_path` (None: on a GPU) walks one block at a
+    time with one host sync per search round and the next block's directions drawn
+    meanwhile; its budget is `memory_fraction` of the device's free memory. On the
+    CPU it computes the same radii as the CPU path, within rtol, for the tests.
     """
 
     def __init__(
@@ -178,35 +207,54 @@ class RadiusMeter:
         points_per_pass: int | None = None,
         parallel_walks: int | None = None,
         quadratic_radii: bool = False,
+        allow_tf32: bool = False,
+        direction_rng: str = "cpu",
+        device_path: bool | None = None,
+        memory_fraction: float = 0.5,
     ):
         grid = _check_arguments({name: v for name, v in locals().items() if name != "self"})
         device = resolve_device(device, model)
         count = perturbed_parameters(model).count
-        if points_per_pass is None:
-            points_per_pass = CUDA_POINTS_PER_PASS if device.type == "cuda" else 1
+        self.device_path = device.type == "cuda" if device_path is None else device_path
         # Memory cap: a block of directions (with what the landscape keeps for each),
         # the weight sets stacked for one pass, and the parallel walks' copies of the
-        # model and point buffer (2n scalars a walk) each hold about BLOCK_FLOATS
-        # scalars at most. A GPU takes walks in batches instead.
-        if parallel_walks is None:
-            most = max(1, BLOCK_FLOATS // (2 * count))
+        # model and point buffer (2n scalars a walk) each hold about `budget` scalars
+        # at most. The device path takes walks in batches instead.
+        budget = memory_budget(device, memory_fraction)
+        if self.device_path:
+            if parallel_walks not in (None, 1):
+                raise ValueError(
+                    f"parallel_walks must be None or 1 on the device path, got {parallel_walks}: "
+                    "it batches the walks in one forward pass instead; pass device_path=False "
+                    "for threads"
+                )
+            parallel_walks = 1
+        elif parallel_walks is None:
+            most = max(1, budget // (2 * count))
             parallel_walks = min(torch.get_num_threads(), most) if device.type == "cpu" else 1
         self._walks = ParallelWalks(parallel_walks)
         self._hessian = (
-            HessianOperator(model, x, y, loss_fn, batch_size=batch_size, device=device)
-            if quadratic_radii else None
+            HessianOperator(
+                model, x, y, loss_fn, batch_size=batch_size, device=device, allow_tf32=allow_tf32
+            ) if quadratic_radii else None
         )  # fmt: skip
         self.seed, self.metric, self.thresholds = seed, metric, thresholds
+        self.allow_tf32, self.direction_rng = allow_tf32, direction_rng
+        most = max(1, budget // count)  # points one pass may stack
+        wanted = points_per_pass or (max(CANDIDATES) if self.device_path else 1)
 
         def set_up() -> None:  # computed as the walks compute, on their first thread
             self.landscape = Landscape(
                 model, x.to(device), y.to(device), loss_fn, metric=metric,
-                batch_size=batch_size,
-                points_per_pass=max(1, min(points_per_pass, BLOCK_FLOATS // count)),
+                batch_size=batch_size, points_per_pass=min(wanted, most),
                 keep_outputs=search == "bisect",  # for its surrogate
+                sync_once=self.device_path,
             )  # fmt: skip
             self.to_norm = FilterNorm(self.landscape.params, filter_norm)
             self.hints = self._hints_from_direction_zero() if search == "bisect" else None
+            if points_per_pass is None and self.landscape.points_per_pass > 1:  # it batches
+                first = self.landscape.prepare(self._directions([0])[1])
+                calibrated_points_per_pass(self.landscape, first, self.landscape.points_per_pass)
 
         levels = _levels(metric, thresholds, len(x))
         if search == "grid":
@@ -218,10 +266,11 @@ class RadiusMeter:
                 levels, self.landscape.base_total, rtol=rtol, max_coefficient=max_coefficient,
                 hints=hints, surrogate=surrogate,
             )  # fmt: skip
-        self._walks.run(set_up)
+        with float32_precision(allow_tf32):
+            self._walks.run(set_up)
         _warn_if_base_is_past(metric, thresholds, levels, self.landscape.base_total)
         per_walk = count + self.landscape.floats_per_walk
-        self.block = max(self.landscape.points_per_pass, BLOCK_FLOATS // per_walk)
+        self.block = max(self.landscape.points_per_pass, budget // per_walk)
         self._landscapes = [self.landscape]
         self._landscapes += [self.landscape.replica() for _ in range(1, parallel_walks)]
 
@@ -241,13 +290,14 @@ class RadiusMeter:
         check_int("num_directions", num_directions, minimum=1)
         check_int("start", start, minimum=0)
         records = []
-        walk = lambda k, part: self._walk(self._landscapes[k], part)  # noqa: E731
-        for block, rows in self._in_blocks(range(start, start + num_directions), walk):
-            if self._hessian is not None:
-                quadratic = self._quadratic_radii(block).reshape(-1)
-                for record, value in zip(rows, quadratic, strict=True):
-                    record["radius_quadratic"] = value
-            records.extend(rows)
+        items = range(start, start + num_directions)
+        with float32_precision(self.allow_tf32):
+            for block, rows in self._in_blocks(items, self._walk, self._draw):
+                if self._hessian is not None:
+                    quadratic = self._quadratic_radii(block).reshape(-1)
+                    for record, value in zip(rows, quadratic, strict=True):
+                        record["radius_quadratic"] = value
+                records.extend(rows)
         return pd.DataFrame.from_records(records)
 
     def crossings_along(
@@ -259,24 +309,41 @@ class RadiusMeter:
         the directions its chains propose."""
         raw = raw.to(self.landscape.params.flat)
 
-        def walk(k: int, part: range) -> list:
-            searches, evals, _ = self._search(
-                self._landscapes[k], self.to_norm(raw[part]), self.hints
-            )
+        def walk(landscape: Landscape, _part: range, along: torch.Tensor) -> list:
+            searches, evals, _ = self._search(landscape, self.to_norm(along), self.hints)
             return [(search.crossings(), count) for search, count in zip(searches, evals)]
 
-        found = [row for _, rows in self._in_blocks(range(len(raw)), walk) for row in rows]
+        draw = lambda part: raw[part]  # noqa: E731
+        with float32_precision(self.allow_tf32):
+            blocks = self._in_blocks(range(len(raw)), walk, draw)
+            found = [row for _, rows in blocks for row in rows]
         coefficient = np.array([[c.coefficient for c in row] for row, _ in found])
         censored = np.array([[c.censored for c in row] for row, _ in found])
         nonfinite = np.array([[c.nonfinite for c in row] for row, _ in found])
         return coefficient, censored, nonfinite, np.array([count for _, count in found])
 
-    def _in_blocks(self, items: range, walk: Callable) -> Iterator[tuple[range, list]]:
+    def _in_blocks(
+        self, items: range, walk: Callable, draw: Callable[[range], torch.Tensor]
+    ) -> Iterator[tuple[range, list]]:
         """Each block of `items` (at most `block` directions, for memory) and the rows
-        `walk(k, part)` gives for it, its parts on the parallel walks, in order."""
-        for first in range(items.start, items.stop, self.block):
-            block = range(first, min(first + self.block, items.stop))
-            walked = self._walks.map(walk, _split(block, self._walks.count))
+        walk(landscape, part, draw(part)) gives for it, in order: on the CPU path its
+        parts on the parallel walks, each drawing its own; on the device path whole,
+        the next block drawn meanwhile."""
+        blocks = [
+            range(first, min(first + self.block, items.stop))
+            for first in range(items.start, items.stop, self.block)
+        ]  # fmt: skip
+        device = self.landscape.params.flat.device
+        if self.device_path:
+            for block, raw in prefetched(blocks, draw, device):
+                yield block, walk(self.landscape, block, raw)
+            return
+
+        def walk_part(k: int, part: range) -> list:
+            return walk(self._landscapes[k], part, draw(part).to(device))
+
+        for block in blocks:
+            walked = self._walks.map(walk_part, _split(block, self._walks.count))
             yield block, [row for part in walked for row in part]
 
     def _quadratic_radii(self, indices: Sequence[int]) -> np.ndarray:
@@ -293,9 +360,10 @@ class RadiusMeter:
         radii = np.where(curvatures > 0, radii, math.inf)
         return np.where(gaps > 0, radii, 0.0)
 
-    def _walk(self, landscape: Landscape, indices: Sequence[int]) -> list[dict]:
-        """The rows of directions `indices`, walked on `landscape` together."""
-        raw, directions = self._directions(indices)
+    def _walk(self, landscape: Landscape, indices: Sequence[int], raw: torch.Tensor) -> list[dict]:
+        """The rows of directions `indices`, whose raw Gaussians are `raw` on the
+        landscape's device, walked on `landscape` together."""
+        directions = self.to_norm(raw)
         searches, evals, samples = self._search(landscape, directions, self.hints)
         raw_norms = raw.double().norm(dim=1).cpu().numpy()
         direction_norms = directions.double().norm(dim=1).cpu().numpy()
@@ -324,10 +392,19 @@ class RadiusMeter:
                 records.append(record)
         return records
 
+    def _draw(self, indices: Sequence[int]) -> torch.Tensor:
+        """Raw Gaussians g (B, n) of directions `indices`: on the device with
+        direction_rng "device"; else on the CPU, pinned for a CUDA device."""
+        params = self.landscape.params
+        if self.direction_rng == "device":
+            return raw_directions(params, self.seed, indices, rng="device")
+        pinned = params.flat.is_cuda
+        rows = torch.empty(len(indices), params.count, dtype=params.flat.dtype, pin_memory=pinned)
+        return raw_directions(params, self.seed, indices, out=rows)
+
     def _directions(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw Gaussians g and directions d, both (B, n) on the landscape's device."""
-        params = self.landscape.params
-        raw = raw_directions(params, self.seed, indices).to(params.flat.device)
+        raw = self._draw(indices).to(self.landscape.params.flat.device)
         return raw, self.to_norm(raw)
 
     def _search(
