@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from volume_ray.checks import (
+    BOOLEAN,
     MODEL_AND_DATA_RULES,
     check,
     check_int,
@@ -52,6 +53,7 @@ CURVATURE_RULES = {
     "probes": integer(1),
     "lanczos_steps": integer(1),
     "seed": integer(0),
+    "allow_tf32": BOOLEAN,
 }
 
 
@@ -132,7 +134,7 @@ class HessianOperator:
 
     def _loss(self, z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w = self.params.flat + (z if self.scale is None else self.scale * z)
-        with sdpa_kernel(SDPBackend.MATH), float32_precision(self.allow_tf32):
+        with sdpa_kernel(SDPBackend.MATH):
             outputs = functional_call(self.model, {**self.fixed, **self.params.tensors(w)}, (x,))
         return self.loss_fn(outputs, y)
 
@@ -140,8 +142,8 @@ class HessianOperator:
         """The mean loss at w*, after checking that loss_fn has a second derivative."""
         zero = torch.zeros_like(self.params.flat)
         x, y, _ = self.chunks[0]
+        weights = {**self.fixed, **self.params.tensors(zero)}
         with float32_precision(self.allow_tf32):
-            weights = {**self.fixed, **self.params.tensors(zero)}
             outputs = functional_call(self.model, weights, (x,)).detach().requires_grad_()
         value = self.loss_fn(outputs, y)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
@@ -158,7 +160,7 @@ class HessianOperator:
                 "loss_fn must be twice differentiable: torch.func.jvp over torch.func.grad "
                 f"(forward-over-reverse) fails on it: {error}"
             ) from error
-        with torch.no_grad():
+        with torch.no_grad(), float32_precision(self.allow_tf32):
             return sum(share * float(self._loss(zero, x, y)) for x, y, share in self.chunks)
 
     def gradient(self, points: torch.Tensor) -> torch.Tensor:
@@ -196,6 +198,12 @@ class HessianOperator:
         return self._by_rows(product, vectors)
 
     def _by_rows(self, fn: Callable, rows: torch.Tensor) -> torch.Tensor:
+        """fn of each row, in float64, at the operator's float32 precision (forward and
+        backward passes alike)."""
+        with float32_precision(self.allow_tf32):
+            return self._by_rows_now(fn, rows)
+
+    def _by_rows_now(self, fn: Callable, rows: torch.Tensor) -> torch.Tensor:
         """fn of each row, in float64: vmapped, or one row per pass where the model or
         loss cannot be batched (warned once)."""
         if len(rows) > 1 and self._vmap:
@@ -206,7 +214,7 @@ class HessianOperator:
                     f"this model or loss cannot be batched with torch.func.vmap ({error}); "
                     "its derivatives are taken one vector per pass instead (slower)",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 self._vmap = False
         try:

@@ -163,16 +163,18 @@ def pending_curvature(spec: SweepSpec, store: SweepStore) -> tuple[list[Curvatur
 
 
 def _worker_count(spec: SweepSpec, shards: int) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each): one per GPU when there are GPUs, else one per CPU."""
+    """(actors, CPUs each, GPUs each): as many as the GPUs hold (resources.actors_per_gpu
+    a GPU) when there are GPUs, else one per CPU. Every actor holds one CPU: a GPU
+    actor's draws the next directions while its device measures."""
     resources = ray.cluster_resources()
     per_gpu = gpus_each(spec)
     if spec.resources.workers != "auto":
         wanted = spec.resources.workers
     elif per_gpu > 0:
-        wanted = int(resources.get("GPU", 0) / per_gpu)
+        wanted = min(round(resources.get("GPU", 0) / per_gpu), int(resources.get("CPU", 1)))
     else:
         wanted = int(resources.get("CPU", 1))
-    return max(1, min(wanted, shards)), (0.0 if per_gpu > 0 else 1.0), per_gpu
+    return max(1, min(wanted, shards)), 1.0, per_gpu
 
 
 @dataclass(frozen=True)

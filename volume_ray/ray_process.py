@@ -15,16 +15,23 @@ import torch
 from volume_ray.allocator import keep_freed_memory
 from volume_ray.spec import SweepSpec
 
-__all__ = ["assigned_device", "configure_process", "gpus_each"]
+__all__ = ["assigned_device", "configure_process", "gpus_each", "trial_resources"]
 
 
 def gpus_each(spec: SweepSpec) -> float:
-    """GPUs per trial or worker: the spec's number, or under "auto" one whole GPU when
-    the cluster has any, else none."""
+    """GPUs per trial or worker: the spec's number, or under "auto" a share of one GPU
+    (1 / resources.actors_per_gpu) when the cluster has any, else none."""
     wanted = spec.resources.gpus_per_worker
     if wanted != "auto":
         return float(wanted)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    return 1.0 / spec.resources.actors_per_gpu if has_gpus else 0.0
+
+
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What a Tune training trial asks Ray for: `resources.cpus_per_trial` CPUs and, on
+    a cluster with GPUs, its share of one (`gpus_each`)."""
+    return {"cpu": spec.resources.cpus_per_trial, "gpu": gpus_each(spec)}
 
 
 def configure_process() -> None:

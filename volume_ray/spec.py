@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from volume_ray.data import DATASETS, EXTRA_KINDS
-from volume_ray.directions import FILTER_NORMS
+from volume_ray.directions import DIRECTION_RNGS, FILTER_NORMS
 from volume_ray.estimators import DEFAULT_ESTIMATORS, ESTIMATORS
 from volume_ray.landscape import METRICS
 from volume_ray.measure import SEARCHES
@@ -133,6 +133,11 @@ class VolumeSpec(_Strict):
     batch_size: PositiveInt | None = None
     # Default: paper and typical, plus laplace when the curvature stage is on (SweepSpec).
     estimators: list[Literal[ESTIMATORS]] = Field(default=list(DEFAULT_ESTIMATORS), min_length=1)  # type: ignore[valid-type]
+    # cpu: the paper's directions (a CPU generator seeded with seed + i); device: drawn
+    # on the GPU from (seed, i), reproducible but not the paper's (`directions`)
+    direction_rng: Literal[DIRECTION_RNGS] = "cpu"  # type: ignore[valid-type]
+    # TF32 products on a GPU: faster, but radii then part from the CPU's (`precision`)
+    allow_tf32: bool = False
 
     @field_validator("estimators")
     @classmethod
@@ -182,6 +187,11 @@ class ThermodynamicSpec(_Strict):
 class ResourcesSpec(_Strict):
     workers: PositiveInt | Literal["auto"] = "auto"
     gpus_per_worker: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = "auto"
+    # under gpus_per_worker auto: trials and actors that share one GPU (small models
+    # leave most of a device idle), each asking for 1/actors_per_gpu of it
+    actors_per_gpu: PositiveInt = 1
+    # of a GPU's free memory, the share its actors may fill (split between them)
+    gpu_memory_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
     cpus_per_trial: Annotated[float, Field(gt=0)] = 1.0
 
 

@@ -29,7 +29,7 @@ from scipy import special
 from torch import nn
 
 from volume_ray.basin_radii import BasinRadii
-from volume_ray.checks import MODEL_AND_DATA_RULES, check, integer, optional, real
+from volume_ray.checks import BOOLEAN, MODEL_AND_DATA_RULES, check, integer, optional, real
 from volume_ray.curvature import HessianOperator
 from volume_ray.directions import FilterNorm, perturbed_parameters
 from volume_ray.estimators import EstimateResult
@@ -81,6 +81,7 @@ ARGUMENT_RULES = {
     "batch_size": optional(integer(1)),
     "max_coefficient": real(0, low_open=True),
     "whitening_directions": optional(integer(1)),
+    "allow_tf32": BOOLEAN,
 }
 
 
@@ -124,6 +125,7 @@ def thermodynamic_log_volume(
     device: str | torch.device | None = None,
     max_coefficient: float = 1.0,
     whitening_directions: int | None = None,
+    allow_tf32: bool = False,
 ) -> ThermodynamicResult:
     """log E_u[r(u)^n] of the basin where the mean `loss_fn` on (x, y) stays below
     `threshold`, with r capped at max_coefficient·√n as `measure_radii` caps it.
@@ -131,14 +133,15 @@ def thermodynamic_log_volume(
     `rungs` fixes the ladder's length (None: placed adaptively); `chains` run side by
     side, `steps` moves each per rung. The standard error adds MBAR's uncertainty to
     the spread between GROUPS groups of chains; the interval also carries the drift
-    and the radius search's precision (`estimate_from_rungs`). The caller's model is
-    left as it was.
+    and the radius search's precision (`estimate_from_rungs`). On a GPU float32 runs
+    at full precision unless `allow_tf32`. The caller's model is left as it was.
     """
     check(ARGUMENT_RULES, locals())
     chains, steps = chains or CHAINS, steps or STEPS
     basin = open_basin(
         model, x, y, loss_fn, threshold=threshold, filter_norm=filter_norm,
         max_coefficient=max_coefficient, batch_size=batch_size, device=device, seed=seed,
+        allow_tf32=allow_tf32,
     )  # fmt: skip
     basin.whitening = basin_whitening(basin, seed, whitening_directions)
     whitening_cost = (basin.searches, basin.evaluations)
@@ -152,15 +155,17 @@ def thermodynamic_log_volume(
 def open_basin(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, *, threshold: float,
     filter_norm: str, max_coefficient: float, batch_size: int | None,
-    device: str | torch.device | None, seed: int,
+    device: str | torch.device | None, seed: int, allow_tf32: bool = False,
 ) -> BasinRadii:  # fmt: skip
-    """The basin's radii and gradients on `device`, not yet whitened; EmptyBasinError
-    when `threshold` is not above the loss at the trained weights."""
+    """The basin's radii and gradients on `device`, not yet whitened, at float32's
+    full precision unless `allow_tf32`; EmptyBasinError when `threshold` is not above
+    the loss at the trained weights."""
     params = perturbed_parameters(model)
     scale = FilterNorm(params, filter_norm).scale  # raises for li2018: no fixed z
     gradients = HessianOperator(
-        model, x, y, loss_fn, scale=scale, batch_size=batch_size, device=device
-    )
+        model, x, y, loss_fn, scale=scale, batch_size=batch_size, device=device,
+        allow_tf32=allow_tf32,
+    )  # fmt: skip
     if not threshold > gradients.base_loss:
         raise EmptyBasinError(
             f"threshold must lie above the loss at the trained weights, "
@@ -169,6 +174,7 @@ def open_basin(
     meter = RadiusMeter(
         model, x, y, loss_fn, thresholds=(threshold,), filter_norm=filter_norm,
         max_coefficient=max_coefficient, batch_size=batch_size, device=device, seed=seed,
+        allow_tf32=allow_tf32,
     )  # fmt: skip
     return BasinRadii(meter, gradients, max_coefficient * math.sqrt(params.count))
 

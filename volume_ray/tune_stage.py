@@ -27,7 +27,7 @@ from tqdm import tqdm
 from volume_ray.experiment import experiment_data, new_model
 from volume_ray.locations import join, locate
 from volume_ray.models import count_parameters, loss_for_task
-from volume_ray.ray_process import assigned_device, configure_process, gpus_each
+from volume_ray.ray_process import assigned_device, configure_process, trial_resources
 from volume_ray.spec import SweepSpec, Trial, checkpoint_id, plan_trials
 from volume_ray.store import SweepStore, read_tensors
 from volume_ray.train import TrainConfig, evaluate, save_checkpoint, train
@@ -184,10 +184,9 @@ def train_stage(
     done = set(store.finished_models().get("model_id", []))
     todo = [t for t in plan_trials(spec) if t.model_id not in done]
     if todo:
-        gpus = gpus_each(spec)
         bar = tqdm(total=len(todo), unit="model", desc="training", disable=not progress)
         tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": gpus}),
+            tune.with_resources(trainable, trial_resources(spec)),
             param_space={
                 "spec": spec.model_dump(mode="json"),
                 "trial": tune.grid_search([asdict(t) for t in todo]),

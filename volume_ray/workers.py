@@ -71,12 +71,14 @@ class VolumeWorker:
             return
         self._free()
         model, x, y = self._pair(checkpoint, seed, landscape_extra)
-        v = self.spec.volume
+        v, r = self.spec.volume, self.spec.resources
         self.meter = RadiusMeter(
             model, x, y, self.loss_fn, seed=v.seed, metric=v.metric,
             thresholds=tuple(v.thresholds), filter_norm=v.filter_norm, search=v.search,
             rtol=v.rtol, max_coefficient=v.max_coefficient, batch_size=v.batch_size,
             device=self.device, quadratic_radii=self.spec.curvature.quadratic_radii,
+            allow_tf32=v.allow_tf32, direction_rng=v.direction_rng,
+            memory_fraction=r.gpu_memory_fraction / r.actors_per_gpu,
         )  # fmt: skip
         self.loaded = (model_id, landscape_extra)
 
@@ -122,7 +124,7 @@ class VolumeWorker:
         spectrum = curvature(
             model, x, y, self.loss_fn, filter_norm=v.filter_norm, top_k=c.top_k,
             probes=c.probes, lanczos_steps=c.lanczos_steps, seed=c.seed,
-            batch_size=v.batch_size, device=self.device,
+            batch_size=v.batch_size, device=self.device, allow_tf32=v.allow_tf32,
         )  # fmt: skip
         _, floor = laplace_from_curvature(spectrum, v.thresholds[0], v.max_coefficient)
         known = not math.isnan(floor)  # NaN: the first threshold is at or below the base loss
@@ -181,7 +183,7 @@ class VolumeWorker:
             self.basin = open_basin(
                 model, x, y, self.loss_fn, threshold=threshold, filter_norm=v.filter_norm,
                 max_coefficient=v.max_coefficient, batch_size=v.batch_size,
-                device=self.device, seed=self.spec.thermodynamic.seed,
+                device=self.device, seed=self.spec.thermodynamic.seed, allow_tf32=v.allow_tf32,
             )  # fmt: skip
             if stored_whitening:
                 self.basin.whitening = self.store.read_whitening(ladder)
