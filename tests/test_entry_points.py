@@ -1,6 +1,7 @@
 """The README's commands, the CLI and the benchmark run as a newcomer would run them."""
 
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,14 @@ def test_benchmarks_run(script, prints):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert prints in run.stdout
+
+
+def test_gpu_check_says_in_one_line_that_there_is_no_cuda():
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert run.stdout.strip() == (
+        "gpu_check: CUDA is not available on this machine; run it where a GPU is."
+    )
