@@ -18,12 +18,11 @@ from volume_ray.landscape import Landscape
 from volume_ray.measure import RadiusMeter, measure_radii
 from volume_ray.models import build_model
 from volume_ray.precision import float32_precision
+from volume_ray.surrogate import OutputSurrogate
 
 
 def one_at_a_time(model, x, y, **kwargs) -> pd.DataFrame:
-    meter = RadiusMeter(
-        model, x, y, F.cross_entropy, parallel_walks=1, device_path=False, **kwargs
-    )
+    meter = RadiusMeter(model, x, y, F.cross_entropy, parallel_walks=1, device_path=False, **kwargs)
     return meter.measure(0, 12)
 
 
@@ -215,3 +214,40 @@ def test_the_device_path_refuses_threads_and_a_bad_memory_fraction(model, digits
     for fraction in (0.0, 1.5):
         with pytest.raises(ValueError, match="memory_fraction"):
             RadiusMeter(model, x, y, F.cross_entropy, memory_fraction=fraction)
+
+
+def test_the_device_path_computes_every_surrogate_value_ahead(model, digits, monkeypatch):
+    """Each walk's surrogate is asked once, in its third round: on the device path every
+    such value was computed ahead, for all walks together (one read back, not one per
+    walk); the CPU path computes them as asked."""
+    x, y = digits
+    asked, missed = [], []
+    plain = OutputSurrogate.__call__
+
+    def watched(self, c):
+        asked.append(c)
+        if c not in self._known:
+            missed.append(c)
+        return plain(self, c)
+
+    monkeypatch.setattr(OutputSurrogate, "__call__", watched)
+    RadiusMeter(model, x, y, F.cross_entropy, device_path=True, points_per_pass=4).measure(0, 12)
+    assert asked and not missed
+    asked.clear()
+    one_at_a_time(model, x, y)
+    assert asked and missed == asked
+
+
+def test_a_surrogate_value_computed_ahead_is_forgotten_when_a_point_is_scored(model, digits):
+    x, y = digits
+    landscape = Landscape(model, x, y, F.cross_entropy)
+    surrogate = landscape.surrogate()
+    outputs = landscape._base_outputs
+    surrogate.record(0.1, 1.0, outputs * 1.1)
+    surrogate.record(0.2, 2.0, outputs * 1.2)
+    ahead = surrogate.summed_loss(0.15)
+    assert surrogate(0.15) == ahead.item()  # the same value, computed later
+    surrogate.remember(0.15, 7.0)
+    assert surrogate(0.15) == 7.0
+    surrogate.record(0.3, 3.0, outputs * 1.3)  # a third point: the surrogate knows nothing
+    assert surrogate(0.15) is None

@@ -1,7 +1,7 @@
 """The README's commands, the CLI and the benchmark run as a newcomer would run them."""
 
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

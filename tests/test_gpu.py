@@ -56,9 +56,27 @@ def test_a_search_round_syncs_with_the_host_once(model, digits):
     assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
+def test_a_whole_walk_syncs_about_once_a_round(model, digits):
+    """Across `measure`, rounds (at most the most evaluations a walk took) plus the
+    surrogates' one read and a few per block (norms, the rows), not one per walk."""
+    x, y = digits
+    meter = RadiusMeter(model, x, y, F.cross_entropy, device="cuda", points_per_pass=16)
+    meter.measure(0, 4)  # warm
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frame = meter.measure(100, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= frame.evals.max() + 8, len(syncs)
+
+
 def test_device_directions_on_cuda_are_reproducible_whatever_the_sharding(model, digits):
     x, y = digits
-    settings = {"device": "cuda", "direction_rng": "device"}
+    settings = {"device": "cuda", "direction_rng": "device", "points_per_pass": 1}
     whole = measure_radii(model, x, y, F.cross_entropy, num_directions=8, **settings)
     parts = [
         measure_radii(model, x, y, F.cross_entropy, num_directions=4, start=s, **settings)

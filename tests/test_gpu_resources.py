@@ -70,3 +70,9 @@ def test_bad_gpu_settings_name_the_field(section, field, value):
     spec = {**SHARED_GPU, section: {**SHARED_GPU.get(section, {}), field: value}}
     with pytest.raises(SpecError, match=field):
         load_spec(spec)
+
+
+def test_device_directions_need_a_seed_their_generator_takes():
+    volume = {**SHARED_GPU["volume"], "seed": 2**31}
+    with pytest.raises(SpecError, match="volume.seed must be below 2\\*\\*31"):
+        load_spec({**SHARED_GPU, "volume": volume})

@@ -124,6 +124,11 @@ def raw_directions(
 def device_seed(seed: int, index: int) -> int:
     """The device generator's seed of direction `index` of `seed`: one per pair, unlike
     the paper's seed + index, under which (s, i + 1) and (s + 1, i) share a direction."""
+    if not 0 <= seed < 2**31 or not 0 <= index < 2**32:
+        raise ValueError(
+            f"seed must lie in [0, 2**31) and directions below 2**32 with direction_rng "
+            f"'device', got seed {seed} and direction {index}"
+        )
     return (seed << 32) + index
 
 

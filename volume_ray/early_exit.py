@@ -143,11 +143,13 @@ class ChunkedSum:
         self, pieces: list[torch.Tensor], samples: np.ndarray
     ) -> list[torch.Tensor | None]:
         """From `sum_on_device`'s chunk outputs, each point's outputs on every sample
-        where it was scored fully (samples[k] == size), else None."""
-        return [
-            torch.cat([piece[k] for piece in pieces]) if pieces and n == self.size else None
-            for k, n in enumerate(samples)
-        ]
+        where it was scored fully (samples[k] == size), else None: views of one
+        concatenation (a copy per point costs more than the pass on a GPU), which keep
+        it alive while a walk's surrogate holds one."""
+        if not pieces or not (samples == self.size).any():
+            return [None] * len(samples)
+        whole = torch.cat(pieces, dim=1).unbind(0)
+        return [outputs if n == self.size else None for outputs, n in zip(whole, samples)]
 
     def plan(self, stop_above: list[float], stop_below: list[float]) -> list[tuple[int, int]]:
         """The early-exit chunks where some bound can stop a point, else the full ones."""

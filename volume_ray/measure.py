@@ -37,7 +37,12 @@ from volume_ray.checks import (
     resolve_device,
 )
 from volume_ray.curvature import HessianOperator
-from volume_ray.device_budget import CANDIDATES, calibrated_points_per_pass, memory_budget
+from volume_ray.device_budget import (
+    CANDIDATES,
+    PINNED_FLOATS,
+    calibrated_points_per_pass,
+    memory_budget,
+)
 from volume_ray.direction_prefetch import prefetched
 from volume_ray.directions import (
     DIRECTION_RNGS,
@@ -270,7 +275,13 @@ class RadiusMeter:
             self._walks.run(set_up)
         _warn_if_base_is_past(metric, thresholds, levels, self.landscape.base_total)
         per_walk = count + self.landscape.floats_per_walk
+        if self.device_path:
+            # also the directions d beside g, the float64 copies their norms take one at
+            # a time, and the next block's g when the device draws it meanwhile
+            per_walk += (4 if direction_rng == "device" else 3) * count
         self.block = max(self.landscape.points_per_pass, budget // per_walk)
+        if self.device_path:  # the block's g in pinned host memory, twice while drawing
+            self.block = min(self.block, max(1, PINNED_FLOATS // count))
         self._landscapes = [self.landscape]
         self._landscapes += [self.landscape.replica() for _ in range(1, parallel_walks)]
 
@@ -313,7 +324,7 @@ class RadiusMeter:
             searches, evals, _ = self._search(landscape, self.to_norm(along), self.hints)
             return [(search.crossings(), count) for search, count in zip(searches, evals)]
 
-        draw = lambda part: raw[part]  # noqa: E731
+        draw = lambda part: raw[part.start : part.stop]  # noqa: E731
         with float32_precision(self.allow_tf32):
             blocks = self._in_blocks(range(len(raw)), walk, draw)
             found = [row for _, rows in blocks for row in rows]
@@ -418,7 +429,12 @@ class RadiusMeter:
         evals = np.zeros(len(searches), dtype=np.int64)
         samples = np.zeros(len(searches), dtype=np.int64)
         prepared = landscape.prepare(directions)
-        while asks := [(j, p) for j, s in enumerate(searches) if (p := s.propose()) is not None]:
+        while True:
+            if self.device_path:
+                _surrogates_ahead(searches, surrogates)
+            asks = [(j, p) for j, s in enumerate(searches) if (p := s.propose()) is not None]
+            if not asks:
+                break
             scores = landscape.score(
                 prepared,
                 [j for j, _ in asks],
@@ -433,6 +449,21 @@ class RadiusMeter:
                 evals[j] += 1
                 samples[j] += scores.samples[k]
         return searches, evals, samples
+
+
+def _surrogates_ahead(searches: list, surrogates: list) -> None:
+    """Every value the searches' surrogates will be asked for in this round, computed
+    on the device and read back in one sync (one read per walk otherwise)."""
+    queries = [
+        (surrogate, c)
+        for search, surrogate in zip(searches, surrogates)
+        if surrogate is not None and (c := search.surrogate_query()) is not None
+    ]  # fmt: skip
+    if not queries:
+        return
+    values = torch.stack([surrogate.summed_loss(c) for surrogate, c in queries]).cpu()
+    for (surrogate, c), value in zip(queries, values.tolist()):
+        surrogate.remember(c, value)
 
 
 def _split(items: Sequence[int], parts: int) -> list[Sequence[int]]:

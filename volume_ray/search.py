@@ -250,6 +250,18 @@ class BracketSearch:
         """Take the bounds scored at `coefficient`."""
         self._points.append(_Point(coefficient, lower, upper))
 
+    def surrogate_query(self) -> float | None:
+        """Where the next `propose` may ask its surrogate for a value (the first
+        estimate from two scored points), if it may; None where it will not. Changes
+        nothing: a caller with many walks computes their values ahead in one batch."""
+        pending = [level for level in self.levels if not self._resolved(level)]
+        if not pending or self._surrogate is None:
+            return None
+        nodes = _nearest(self._nodes(min(pending)))
+        if len(nodes) != 2:
+            return None
+        return math.exp(min(_inverse_interpolation(nodes), self._log_cap))
+
     def crossings(self) -> list[Crossing]:
         answers = []
         for level in self.levels:

@@ -25,11 +25,12 @@ from pydantic import (
 from volume_ray.data import DATASETS, EXTRA_KINDS
 from volume_ray.directions import DIRECTION_RNGS, FILTER_NORMS
 from volume_ray.estimators import DEFAULT_ESTIMATORS, ESTIMATORS
+from volume_ray.ladder import GROUPS
 from volume_ray.landscape import METRICS
 from volume_ray.measure import SEARCHES
 from volume_ray.models import MODELS
 from volume_ray.search import DEFAULT_RTOL, MIN_RTOL
-from volume_ray.thermodynamic import CHAINS, GROUPS, STEPS
+from volume_ray.thermodynamic import CHAINS, STEPS
 from volume_ray.train import OPTIMIZERS
 
 __all__ = [
@@ -145,6 +146,14 @@ class VolumeSpec(_Strict):
         if len(set(values)) != len(values):
             raise ValueError("must not repeat an estimator")
         return values
+
+    @model_validator(mode="after")
+    def _seed_fits_the_device_generator(self) -> VolumeSpec:
+        if self.direction_rng == "device" and self.seed >= 2**31:
+            raise ValueError(
+                f"volume.seed must be below 2**31 with direction_rng 'device', got {self.seed}"
+            )
+        return self
 
     @field_validator("thresholds")
     @classmethod

@@ -29,24 +29,39 @@ class OutputSurrogate:
         self._base, self._loss_fn, self._y = base_outputs, loss_fn, y
         self._scored: dict[float, torch.Tensor] = {}  # coefficient -> outputs
         self._count = 0
+        self._known: dict[float, float] = {}  # values computed ahead (`remember`)
 
     def record(self, coefficient: float, total: float, outputs: torch.Tensor | None) -> None:
         """Take a scored point: its sum and, where it was scored fully, its outputs."""
         if outputs is None or not math.isfinite(total):
             return
         self._count += 1
+        self._known.clear()
         if self._count <= 2:
             self._scored[coefficient] = outputs
         else:
             self._scored.clear()
 
-    @torch.no_grad()
     def __call__(self, c: float) -> float | None:
         """The summed loss at c, or None without two scored points to interpolate."""
+        if c in self._known:
+            return self._known[c]
+        summed = self.summed_loss(c)
+        return None if summed is None else summed.item()
+
+    @torch.no_grad()
+    def summed_loss(self, c: float) -> torch.Tensor | None:
+        """The summed loss at c as a float64 scalar on the outputs' device, not yet
+        read back (so that a caller can read many walks' values in one sync); None
+        without two scored points."""
         if len(self._scored) != 2:
             return None
         (c1, z1), (c2, z2) = self._scored.items()
         w1 = c * (c - c2) / (c1 * (c1 - c2))
         w2 = c * (c - c1) / (c2 * (c2 - c1))
         outputs = self._base * (1 - w1 - w2) + z1 * w1 + z2 * w2
-        return self._loss_fn(outputs, self._y).item() * len(self._y)
+        return self._loss_fn(outputs, self._y).double() * len(self._y)
+
+    def remember(self, c: float, value: float) -> None:
+        """Take the value at c computed ahead, which a call at c then returns."""
+        self._known[c] = value
