@@ -106,8 +106,8 @@ def thermodynamic_row(label, model, x, y, loss_fn, truth, max_coefficient, budge
     seconds = time.perf_counter() - began
     print_row(label, "thermodynamic", result, truth, f"{result.loss_evaluations:,} evals", seconds)
     print(
-        f"{'':>8} (MBAR; TI {result.thermodynamic_integration:,.1f}, AIS "
-        f"{result.annealed_importance:,.1f}; {len(result.ladder)} rungs, "
+        f"{'':>8} (MBAR; TI {result.thermodynamic_integration:,.1f}, SMC "
+        f"{result.sequential_monte_carlo:,.1f}; {len(result.ladder)} rungs, "
         f"{result.radius_searches:,} radius searches, acceptance "
         f"{np.round(result.acceptance[1:], 2).tolist()}, fewest effective samples "
         f"{result.ess:.0f})"

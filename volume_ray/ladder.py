@@ -24,9 +24,13 @@ import numpy as np
 from volume_ray.basin_radii import BasinRadii
 from volume_ray.polar import UNIFORM, log_weight_slope, rung_potentials
 
-__all__ = ["Rung", "advance", "following_restraint", "uniform_rung"]
+__all__ = [
+    "GROUPS", "Rung", "advance", "following_restraint", "groups", "incremental_log_weights",
+    "uniform_rung",
+]  # fmt: skip
 
 LEAPFROG = 8  # leapfrog steps per move: one radius search and one gradient each
+GROUPS = 4  # chains resample within their group only, so groups stay independent
 CESS_TARGET = 0.5  # a new rung where the chains' conditional ESS would fall to this
 ACCEPTANCE = 0.65  # the acceptance rate the step size is steered to during burn-in
 FIRST_STEP_SIZE = 0.1  # leapfrog step size in whitened Gaussian units, at the first rung
@@ -142,7 +146,8 @@ def advance(
     steered toward ACCEPTANCE during the burn-in (the first half) and fixed after it."""
     kept = steps - steps // 2
     searches, evaluations = basin.searches, basin.evaluations
-    gaussians, step = previous.gaussians.copy(), previous.step
+    ancestors = resampled(previous, k, basin.n, rng)
+    gaussians, step = previous.gaussians[ancestors], previous.step
     log_p, slope, radii = _target(basin, k, gaussians)
     trace, accepted = [], 0.0
     for move in range(steps):
@@ -166,6 +171,31 @@ def advance(
         acceptance=float(accepted), radius_searches=basin.searches - searches,
         loss_evaluations=basin.evaluations - evaluations,
     )  # fmt: skip
+
+
+def groups(chains: int) -> list[np.ndarray]:
+    """The chains of each of the GROUPS independent groups."""
+    return np.array_split(np.arange(chains), GROUPS)
+
+
+def incremental_log_weights(previous: Rung, k: float, n: int) -> np.ndarray:
+    """ln π_k/π_previous at each chain's final state of `previous`."""
+    return rung_potentials(previous.k, previous.radii, n) - rung_potentials(k, previous.radii, n)
+
+
+def resampled(previous: Rung, k: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The chains that start rung k: systematic resampling of `previous`'s chains by
+    their weights π_k/π_previous, within each group. The new rung's chains then start
+    from its own law as far as the old samples reach, so that a lag does not carry
+    from rung to rung (sequential Monte Carlo)."""
+    log_w = incremental_log_weights(previous, k, n)
+    ancestors = []
+    for group in groups(len(log_w)):
+        w = np.exp(log_w[group] - log_w[group].max())
+        cumulative = np.cumsum(w / w.sum())
+        points = (rng.random() + np.arange(len(group))) / len(group)
+        ancestors.append(group[np.minimum(np.searchsorted(cumulative, points), len(group) - 1)])
+    return np.concatenate(ancestors)
 
 
 def _target(

@@ -6,9 +6,9 @@ ladder of harmonic restraints p_k(z) ∝ exp(-k|z|²/2)·1_B(z) runs from the un
 of directions down to k = 0, where the law of directions is ∝ r(u)^n (`ladder`), in
 whitened coordinates where B is round enough for short chains (`whitening`). MBAR
 (`pymbar`) over every rung's samples gives log E_u[r(u)^n], in the paper's convention;
-thermodynamic integration and annealed importance sampling along the same ladder are
-its cross-checks (docs/thermodynamic.md has the identities and what the prototypes
-measured).
+thermodynamic integration and sequential Monte Carlo along the same ladder (whose
+chains are resampled by their weights from rung to rung) are its cross-checks
+(docs/thermodynamic.md has the identities and what the prototypes measured).
 
 The three steps (`open_basin`, `basin_whitening`, then rung after rung with
 `rung_generator`) are what the sweep service runs as Ray tasks too, with the same
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import special
+from scipy import special, stats
 from torch import nn
 
 from volume_ray.basin_radii import BasinRadii
@@ -33,7 +33,15 @@ from volume_ray.checks import BOOLEAN, MODEL_AND_DATA_RULES, check, integer, opt
 from volume_ray.curvature import HessianOperator
 from volume_ray.directions import FilterNorm, perturbed_parameters
 from volume_ray.estimators import EstimateResult
-from volume_ray.ladder import Rung, advance, following_restraint, uniform_rung
+from volume_ray.ladder import (
+    GROUPS,
+    Rung,
+    advance,
+    following_restraint,
+    groups,
+    incremental_log_weights,
+    uniform_rung,
+)
 from volume_ray.measure import RadiusMeter
 from volume_ray.polar import log_gamma_cdf, mean_square_radius, rung_potentials
 from volume_ray.search import DEFAULT_RTOL
@@ -64,11 +72,13 @@ STEPS = 20  # HMC moves of every chain per rung, by default; the first half is b
 WHITENING_ITERATIONS = 6
 WHITENING_DIRECTIONS = 50  # uniform directions per iteration, per parameter,
 MAX_WHITENING_DIRECTIONS = 20_000  # up to this many
-GROUPS = 4  # chain groups whose MBAR estimates give the chain-to-chain spread
 # The bias the whole kept half carries, in units of the drift between its two halves,
 # if each half lags half as much as the one before: biases 2d and d, mean 1.5d.
 LAG_FACTOR = 1.5
-Z = 1.959963984540054  # two-sided 95% normal quantile
+# The two-sided 95% quantile of Student's t with GROUPS - 1 degrees of freedom: the
+# standard error rests on the spread of GROUPS independent groups of chains (3.18 for
+# 4 groups, where a normal quantile, 1.96, under-covers).
+QUANTILE = float(stats.t.ppf(0.975, GROUPS - 1))
 
 # What each argument of `thermodynamic_log_volume` must be, checked before any work.
 ARGUMENT_RULES = {
@@ -100,7 +110,7 @@ class ThermodynamicResult(EstimateResult):
 
     thermodynamic_integration: float = math.nan
     drift: float = math.nan
-    annealed_importance: float = math.nan
+    sequential_monte_carlo: float = math.nan
     ladder: np.ndarray = field(default_factory=lambda: np.empty(0))
     acceptance: np.ndarray = field(default_factory=lambda: np.empty(0))
     inefficiency: np.ndarray = field(default_factory=lambda: np.empty(0))
@@ -205,22 +215,24 @@ def estimate_from_rungs(
     cross-checks and diagnostics; `whitening_cost` is (radius searches, loss
     evaluations) spent on the whitening, added to the rungs' own.
 
-    The interval's half-width adds three things: 1.96 standard errors (MBAR's
-    uncertainty and the spread between chain groups), LAG_FACTOR times the drift
-    (neither of the first two sees a lag that every chain shares), and n·rtol (each
+    The interval's half-width adds three things: QUANTILE standard errors (MBAR's
+    uncertainty and the spread between chain groups, which resample apart), LAG_FACTOR
+    times the drift (a lag within rungs that every chain shares), and n·rtol (each
     radius is known only to its bracket, so the log-volume to n times that)."""
     ladder = [rung.k for rung in rungs]
     samples = [rung.trace for rung in rungs]
     chains = len(rungs[0].radii)
     estimate, mbar_error = _mbar(ladder, samples, n)
-    groups = np.array_split(np.arange(chains), GROUPS)
-    spread = np.std([_mbar(ladder, [s[:, g] for s in samples], n)[0] for g in groups], ddof=1)
+    spread = np.std(
+        [_mbar(ladder, [s[:, g] for s in samples], n)[0] for g in groups(chains)], ddof=1
+    )
+    sequential = _sequential(rungs, n)
     stderr = math.sqrt(mbar_error**2 + spread**2 / GROUPS)
     drift = _drift(ladder, samples, n)
     inefficiency = np.array([_inefficiency(trace) for trace in samples])
     effective = samples[0].size / inefficiency
     valid = math.isfinite(stderr) and math.isfinite(drift)
-    half_width = Z * stderr + LAG_FACTOR * abs(drift) + n * DEFAULT_RTOL
+    half_width = QUANTILE * stderr + LAG_FACTOR * abs(drift) + n * DEFAULT_RTOL
     return ThermodynamicResult(
         estimate=estimate,
         stderr=stderr,
@@ -230,7 +242,7 @@ def estimate_from_rungs(
         ci_valid=valid,
         thermodynamic_integration=_integrated(ladder, samples, n),
         drift=drift,
-        annealed_importance=_annealed(rungs, n),
+        sequential_monte_carlo=float(special.logsumexp(sequential) - math.log(GROUPS)),
         ladder=np.array(ladder),
         acceptance=np.array([rung.acceptance for rung in rungs]),
         inefficiency=inefficiency,
@@ -252,15 +264,16 @@ def _drift(ladder: list[float], samples: list[np.ndarray], n: int) -> float:
     return second - first
 
 
-def _annealed(rungs: list[Rung], n: int) -> float:
-    """ln E_u[r^n] by annealed importance sampling: each chain's weights π_k'/π_k at
-    its state as the ladder moved on from k to k'."""
-    log_weights = np.zeros(len(rungs[0].radii))
+def _sequential(rungs: list[Rung], n: int) -> np.ndarray:
+    """ln E_u[r^n] of each chain group by sequential Monte Carlo: the sum over rungs of
+    the log mean weight π_k'/π_k of the group's chains as the ladder moved on (they
+    were resampled by those weights). Each group's E_u[r^n] is unbiased whether or not
+    its chains mixed."""
+    totals = np.zeros(GROUPS)
     for before, after in zip(rungs, rungs[1:]):
-        log_weights -= rung_potentials(after.k, before.radii, n) - rung_potentials(
-            before.k, before.radii, n
-        )
-    return float(special.logsumexp(log_weights) - math.log(len(log_weights)))
+        log_w = incremental_log_weights(before, after.k, n)
+        totals += [special.logsumexp(log_w[g]) - math.log(len(g)) for g in groups(len(log_w))]
+    return totals
 
 
 def _mbar(ladder: list[float], samples: list[np.ndarray], n: int) -> tuple[float, float]:
