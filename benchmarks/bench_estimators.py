@@ -23,6 +23,7 @@
    (235,146 parameters).
 
     python benchmarks/bench_estimators.py            # about 90 minutes on 2 cores
+    python benchmarks/bench_estimators.py --sizes 100 1000 --no-networks   # 1. and 2. only
     python benchmarks/bench_estimators.py --smoke    # seconds, for CI
 """
 
@@ -316,6 +317,10 @@ def main() -> None:
     parser.add_argument(
         "--thermodynamic-max-n", type=int, default=1000, help="largest basin for the ladder"
     )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[100, 1000, 10_000], help="n of the known basins"
+    )
+    parser.add_argument("--no-networks", action="store_true", help="skip sections 3 and 4")
     args = parser.parse_args()
     if args.smoke:
         small = {"chains": 8, "steps": 4, "whitening_directions": 500}
@@ -323,11 +328,12 @@ def main() -> None:
         cross_polytopes([30, 60], directions=50, budget=small)
         digits_network([32], directions=40, probes=4, steps=16)
     else:
-        known_basins([100, 1000, 10_000], directions=500, probes=32, steps=64,
+        known_basins(args.sizes, directions=500, probes=32, steps=64,
                      ladder_max_n=args.thermodynamic_max_n, budget={})  # fmt: skip
-        cross_polytopes([100, 1000, 10_000], directions=500, budget={})
-        digits_network([256, 256], directions=500, probes=32, steps=64)
-        small_network([32], directions=500, probes=32, steps=64, budget={})
+        cross_polytopes(args.sizes, directions=500, budget={})
+        if not args.no_networks:
+            digits_network([256, 256], directions=500, probes=32, steps=64)
+            small_network([32], directions=500, probes=32, steps=64, budget={})
     scaling()
 
 
