@@ -346,3 +346,51 @@ def test_status_counts_the_curvature_pairs_written(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "models   2/2 trained" in out and "curvature 1/3 pairs written" in out
     assert "volumes  not yet" in out
+
+
+def test_a_lower_bound_equal_to_paper_is_one_line_not_a_twin_table(tmp_path, capsys):
+    """Nothing censored: censored_lower_bound is paper to the bit, so it is named, not
+    printed again; with censored directions it is a table of its own."""
+    from volume_ray.cli import _print_volumes
+    from volume_ray.estimators import volume_table
+    from volume_ray.store import write_table
+
+    _, models = _volumes_and_models()
+    models = models[models.model_id == "n100-s0"]
+    radii = _radii("n100-s0", 100, 40, 0.05, 3)
+    kinds = ["paper", "censored_lower_bound", "typical"]
+    volumes = volume_table(radii, 5_000, estimators=kinds, num_resamples=20)
+    write_table(models, tmp_path / "models.parquet")
+    write_table(
+        volumes.assign(model_id="n100-s0", landscape_size=100), tmp_path / "volumes.parquet"
+    )
+    _print_volumes(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "censored_lower_bound = paper, nothing censored" in out
+    assert "censored_lower_bound (" not in out
+    censored = radii.copy()
+    censored.loc[censored.index[:3], "censored"] = True
+    censored.loc[censored.index[:3], "radius"] = np.nan
+    volumes = volume_table(censored, 5_000, estimators=kinds, num_resamples=20)
+    write_table(
+        volumes.assign(model_id="n100-s0", landscape_size=100), tmp_path / "volumes.parquet"
+    )
+    _print_volumes(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "censored_lower_bound (" in out and "nothing censored" not in out
+
+
+def test_the_loss_slice_names_its_landscape_and_draws_the_thresholds():
+    import matplotlib.pyplot as plt
+
+    from volume_ray.analysis.figures import loss_slice
+
+    a = b = np.linspace(0, 1, 6)
+    losses = 0.01 + np.add.outer(a, b) ** 2
+    figure = loss_slice(a, b, losses, ["n=1", "n=2", "n=3"], landscape=1100, thresholds=[0.1, 0.5])
+    contour, _colorbar, surface = figure.axes
+    assert contour.get_title() == "Loss through three minima, landscape of 1,100 samples"
+    assert surface.get_title() == "(surface; loss thresholds 0.1, 0.5)"
+    labels = {text.get_text() for text in contour.texts}
+    assert {"T=0.1", "T=0.5"} <= labels
+    plt.close(figure)

@@ -248,6 +248,12 @@ def test_a_trial_that_raises_once_is_retried(local_ray, tmp_path):
         ({"volume": {"filter_norm": "li2018"}}, "curvature.enabled: li2018"),
         ({"curvature": {"enabled": True, "probes": 1}}, "curvature.probes"),
         ({"volume": {"estimators": ["paper", "paper"]}}, "volume.estimators"),
+        (
+            {"train": {"optimizer": "adamw"}},
+            "spec field train.optimizer: unknown field; did you mean `optimizers: [adamw]`?",
+        ),
+        ({"volume": {"treshold": 0.2}}, "did you mean `thresholds: [0.2]`?"),
+        ({"volume": {"zzz": 1}}, "the section's fields are ['directions', 'seed'"),
     ],
 )
 def test_bad_specs_get_a_message_without_traceback(tmp_path, capsys, change, match):

@@ -80,6 +80,9 @@ def _print_volumes(sweep: str) -> None:
         print(f"\nlog-volume ({metric} threshold {threshold}); rows: models, columns: landscapes")
         for estimator in estimators_in(group):
             rows = group[group.estimator == estimator]
+            if estimator == "censored_lower_bound" and (rows.n_censored == 0).all():
+                print("censored_lower_bound = paper, nothing censored")
+                continue
             table = rows.pivot(index="model_id", columns="landscape_size", values="log_volume")
             table = table.reindex([m for m in order.model_id if m in table.index])
             table.index.name = table.columns.name = None

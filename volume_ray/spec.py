@@ -7,10 +7,11 @@ refused, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_origin
 
 import yaml
 from pydantic import (
@@ -330,10 +331,31 @@ def load_spec(source: str | Path | dict) -> SweepSpec:
         if not first["loc"]:  # a rule across fields: its message starts with the field
             raise SpecError(f"spec field {message}") from None
         field = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise SpecError(
+                f"spec field {field}: {_unknown(first['loc'], first['input'])}"
+            ) from None
         got = (
             f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
         )
         raise SpecError(f"spec field {field}: {message}{got}") from None
+
+
+def _unknown(location: tuple, value: object) -> str:
+    """Why a field is refused, with the known field of its section it is nearest to, in
+    the form that field takes (a list where it is one)."""
+    section = SweepSpec
+    for part in location[:-1]:
+        section = section.model_fields[str(part)].annotation
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(str(location[-1]), known, n=1, cutoff=0.6)
+    if not close:
+        return f"unknown field; the section's fields are {known}"
+    wanted = section.model_fields[close[0]].annotation
+    if get_origin(wanted) is list and not isinstance(value, list):
+        value = [value]
+    shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+    return f"unknown field; did you mean `{close[0]}: {shown}`?"
 
 
 @dataclass(frozen=True)

@@ -293,22 +293,33 @@ def quadratic_against_measured_radii(radii: pd.DataFrame, threshold: float, land
     return figure
 
 
-def loss_slice(a: np.ndarray, b: np.ndarray, losses: np.ndarray, labels: list[str]):
-    """Contour and surface views of a loss plane through three minima (Fig. 1)."""
+def loss_slice(
+    a: np.ndarray, b: np.ndarray, losses: np.ndarray, labels: list[str], *, landscape: int,
+    thresholds: list[float],
+):  # fmt: skip
+    """Contour and surface views of a loss plane through three minima (Fig. 1), on the
+    landscape of `landscape` samples, with the loss thresholds drawn as white lines."""
     figure = plt.figure(figsize=(11, 4.5))
     contour_axis = figure.add_subplot(1, 2, 1)
     grid_a, grid_b = np.meshgrid(a, b, indexing="ij")
     log_loss = np.log10(np.clip(losses, 1e-12, None))
     filled = contour_axis.contourf(grid_a, grid_b, log_loss, levels=30, cmap="viridis")
     figure.colorbar(filled, ax=contour_axis, label="log10 loss")
+    levels = sorted(np.log10(thresholds))
+    if len(levels):
+        lines = contour_axis.contour(grid_a, grid_b, log_loss, levels=levels, colors="w",
+                                     linewidths=0.8)  # fmt: skip
+        contour_axis.clabel(lines, fmt={lv: f"T={10**lv:g}" for lv in levels}, fontsize=7)
     for (pa, pb), label in zip([(0, 0), (1, 0), (0, 1)], labels):
         contour_axis.plot(pa, pb, "r*", markersize=12)
         contour_axis.annotate(label, (pa, pb), textcoords="offset points", xytext=(5, 5),
                               fontsize=7, color="w")  # fmt: skip
-    contour_axis.set(xlabel="a: towards minimum 2", ylabel="b: towards minimum 3",
-                     title="Loss through three minima (contour)")  # fmt: skip
+    title = f"Loss through three minima, landscape of {landscape:,} samples"
+    contour_axis.set(xlabel="a: towards minimum 2", ylabel="b: towards minimum 3", title=title)
     surface_axis = figure.add_subplot(1, 2, 2, projection="3d")
     surface_axis.plot_surface(grid_a, grid_b, log_loss, cmap="viridis", linewidth=0)
-    surface_axis.set(xlabel="a", ylabel="b", zlabel="log10 loss", title="(surface)")
+    shown = ", ".join(f"{t:g}" for t in thresholds) or "none (accuracy metric)"
+    surface_axis.set(xlabel="a", ylabel="b", zlabel="log10 loss",
+                     title=f"(surface; loss thresholds {shown})")  # fmt: skip
     figure.tight_layout()
     return figure

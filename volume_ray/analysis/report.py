@@ -175,7 +175,11 @@ def _slice_through_three_minima(spec, store: SweepStore, models: pd.DataFrame):
     data = experiment_data(spec)
     minima = [_trained(spec, data, store, row) for row in chosen.itertuples()]
     a, b, losses = loss_plane(minima, data.base_x, data.base_y, loss_for_task(data.source.task))
-    return figures.loss_slice(a, b, losses, [f"n={size}" for size in chosen.train_size])
+    labels = [f"n={size}" for size in chosen.train_size]
+    thresholds = spec.volume.thresholds if spec.volume.metric == "loss" else []
+    return figures.loss_slice(
+        a, b, losses, labels, landscape=len(data.base_x), thresholds=thresholds
+    )
 
 
 def _summary(spec, models, volumes, radii, curvature, cut, drawn) -> str:
