@@ -4,6 +4,7 @@ Ray that declares one (this machine has none, so the work itself runs on the CPU
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import ray
 
@@ -53,6 +54,10 @@ def test_a_sweep_runs_on_gpu_shares_and_its_directions_do_not_depend_on_them(
     keys = ["model_id", "direction", "threshold"]
     radii = [s.read_radii().sort_values(keys).reset_index(drop=True) for s in (shared, single)]
     assert len(radii[0]) == 2 * 8
+    shard = next(shared.radii.glob("*.parquet"))
+    facts = pq.read_schema(shard).metadata
+    assert facts[b"volume_ray.device"] == b"cpu"  # Ray gave a GPU share, CUDA is absent
+    assert facts[b"volume_ray.points_per_pass"] == b"1"
     pd.testing.assert_series_equal(radii[0].radius, radii[1].radius)
     pd.testing.assert_series_equal(radii[0].raw_norm, radii[1].raw_norm)
 

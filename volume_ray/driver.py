@@ -70,9 +70,9 @@ class Shard:
         return self.pair.model_id, self.pair.landscape_size, self.start, self.count
 
     def submit(self, actor) -> ray.ObjectRef:
-        p = self.pair
+        p, last = self.pair, self.start + self.count - 1
         return actor.measure.options(
-            name=f"measure {p.model_id} L{p.landscape_size} d{self.start}"
+            name=f"measure {p.model_id} L{p.landscape_size} dirs {self.start}-{last}"
         ).remote(p.model_id, self.checkpoint, self.seed, p.landscape_extra, self.start, self.count)
 
     def write(self, store: SweepStore, result: tuple[dict, dict]) -> None:

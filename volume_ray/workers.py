@@ -109,6 +109,9 @@ class VolumeWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "seconds": seconds,
+            "device": str(self.device),
+            # the device path calibrates it: GPU radii depend on it within rtol
+            "points_per_pass": self.meter.landscape.points_per_pass,
         }
         return frame.to_dict("list"), facts
 
