@@ -184,6 +184,7 @@ def test_custom_metrics_are_on_every_node_metrics_endpoint(cluster, spread_store
         "ray_volume_ray_evaluations_total",
         "ray_volume_ray_shard_seconds_count",
         "ray_volume_ray_latest_radius",
+        "ray_volume_ray_radii_total",
     }
     deadline = time.monotonic() + 60
     while True:  # metrics reach the endpoint on each agent's next report (and a gauge

@@ -265,6 +265,31 @@ def test_bad_specs_get_a_message_without_traceback(tmp_path, capsys, change, mat
     assert match in error and "Traceback" not in error
 
 
+def test_the_driver_reports_its_tasks_done_and_pending(trained, local_ray, tmp_path):
+    """Read back from this node's metrics endpoint, as Prometheus would, after measuring
+    the tiny sweep again: its shards and curvature tasks all done, none pending."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    store = copy_store(trained, tmp_path, radii=False)
+    measure_stage(load_spec(TINY), store, progress=False)
+    port = ray.nodes()[0]["MetricsExportPort"]
+    tasks = 3 * (24 // 3) + 3  # pairs x shards, and a curvature task a pair
+    deadline, found = time.monotonic() + 60, {}
+    while found != {"done": tasks, "pending": 0} and time.monotonic() < deadline:
+        time.sleep(1)
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            families = text_string_to_metric_families(response.read().decode())
+        found = {
+            sample.name.removeprefix("ray_volume_ray_tasks_"): sample.value
+            for family in families
+            for sample in family.samples
+            if sample.name.startswith("ray_volume_ray_tasks_") and sample.labels["sweep"] == "tiny"
+        }  # fmt: skip
+    assert found == {"done": tasks, "pending": 0}
+
+
 def test_concurrent_sweeps_in_one_storage_do_not_interfere(trained, tmp_path):
     storage = tmp_path / "shared"
     for name in ("one", "two"):

@@ -31,6 +31,7 @@ from volume_ray.ladder_tasks import ladder_estimates, pending_ladders
 from volume_ray.ray_process import gpus_each
 from volume_ray.spec import Pair, SweepSpec, load_spec, plan_pairs, plan_trials
 from volume_ray.store import SweepStore, write_table
+from volume_ray.telemetry import DriverMetrics
 from volume_ray.workers import VolumeWorker, store_problem
 
 __all__ = [
@@ -214,8 +215,9 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
                 ).remote(spec_dict, store.location)
             )
         startup, measuring, requeued, done = _dispatch(
-            store, [*curvature, *ladders, *shards], actors, began, progress
-        )
+            store, [*curvature, *ladders, *shards], actors, began, progress,
+            DriverMetrics(spec.name),
+        )  # fmt: skip
         ladder_tasks = done - len(shards) - len(curvature)
         return MeasureStats(len(shards), startup, measuring, requeued, len(curvature), ladder_tasks)
     finally:
@@ -224,11 +226,13 @@ def measure_stage(spec: SweepSpec, store: SweepStore, *, progress: bool = True) 
 
 
 def _dispatch(
-    store: SweepStore, tasks: list, actors: list, began: float, progress: bool
-) -> tuple[float, float, int, int]:
+    store: SweepStore, tasks: list, actors: list, began: float, progress: bool,
+    reported: DriverMetrics,
+) -> tuple[float, float, int, int]:  # fmt: skip
     """Keep every live actor busy until every task, and every task that a finished one
     makes ready, is written; return the seconds until work started, the seconds of
-    work, how many tasks were re-queued, and how many were done.
+    work, how many tasks were re-queued, and how many were done (also `reported`, as
+    they move).
 
     Work starts once every actor has answered its first ping, or START_GRACE_S after the
     first one did: an autoscaler may bring the others' nodes minutes later, or never,
@@ -258,8 +262,12 @@ def _dispatch(
         last_pair[actor] = pair
         running[task.submit(actors[actor])] = (actor, task)
 
+    def report() -> None:
+        reported.update(done_count, sum(map(len, waiting.values())) + len(running))
+
     bar = tqdm(total=len(tasks), unit="task", desc="measuring", disable=not progress)
     requeued, done_count, lost_for_good = 0, 0, None
+    report()
     try:
         while waiting or running:
             held = starting and (first_up is None or time.perf_counter() - first_up < START_GRACE_S)
@@ -304,6 +312,7 @@ def _dispatch(
                 bar.total += 1
             bar.update(1)
             done_count += 1
+            report()
             idle.append(actor)
     finally:
         bar.close()

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import ray
-from ray.util import metrics
 
 from volume_ray.curvature import curvature
 from volume_ray.estimators import laplace_from_curvature
@@ -23,6 +22,7 @@ from volume_ray.models import loss_for_task
 from volume_ray.ray_process import assigned_device, configure_process
 from volume_ray.spec import SweepSpec
 from volume_ray.store import SweepStore
+from volume_ray.telemetry import WorkerMetrics
 from volume_ray.thermodynamic import EmptyBasinError, basin_whitening, open_basin, rung_generator
 
 __all__ = ["VolumeWorker", "check_store_is_visible", "store_problem"]
@@ -44,20 +44,7 @@ class VolumeWorker:
         self.meter = None
         self.ladder: str | None = None  # the ladder whose basin is held
         self.basin = None
-        tags = ("sweep", "model", "landscape")
-        self.directions = metrics.Counter(
-            "volume_ray_directions_measured", "directions measured", tag_keys=tags
-        )
-        self.evaluations = metrics.Counter(
-            "volume_ray_evaluations", "landscape evaluations", tag_keys=tags
-        )
-        self.shard_seconds = metrics.Histogram(
-            "volume_ray_shard_seconds", "seconds per shard",
-            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300], tag_keys=tags,
-        )  # fmt: skip
-        self.latest_radius = metrics.Gauge(
-            "volume_ray_latest_radius", "median radius of the latest shard", tag_keys=tags
-        )
+        self.metrics = WorkerMetrics()
 
     def _pair(self, checkpoint: str, seed: int, landscape_extra: int):
         """The trained model and the landscape set of a pair."""
@@ -97,14 +84,7 @@ class VolumeWorker:
             "model": model_id,
             "landscape": str(self.data.base_size + landscape_extra),
         }
-        self.directions.inc(count, tags=tags)
-        evaluations = int(frame.drop_duplicates("direction").evals.sum())
-        if evaluations:  # a base already past every threshold needs none
-            self.evaluations.inc(evaluations, tags=tags)
-        self.shard_seconds.observe(seconds, tags=tags)
-        radius = frame.radius.median()
-        if radius == radius:  # not NaN
-            self.latest_radius.set(float(radius), tags=tags)
+        self.metrics.shard(frame, seconds, tags)
         facts = {
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
