@@ -91,3 +91,39 @@ def test_gpu_check_says_in_one_line_that_there_is_no_cuda():
     assert run.stdout.strip() == (
         "gpu_check: CUDA is not available on this machine; run it where a GPU is."
     )
+
+
+def test_keep_dashboard_holds_the_local_ray_until_ctrl_c(tmp_path):
+    """A run with --keep-dashboard prints the dashboard's URL and how to sign in, its
+    results, then keeps the local Ray up (the dashboard answers) until SIGINT."""
+    import signal
+    import time
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    command = ["volume-ray", "run", str(ROOT / "sweeps" / "swiss_roll.yaml"), "--smoke",
+               "--storage", str(tmp_path), "--keep-dashboard"]  # fmt: skip
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    lines, url = [], None
+    try:
+        for line in run.stdout:
+            lines.append(line)
+            if line.startswith("Ray dashboard: "):
+                url = line.split()[2]
+                assert "`ray get-auth-token`" in line
+            if "stay up; Ctrl-C to stop" in line:
+                break
+        assert url is not None and any("Read the tables in Python" in x for x in lines), lines
+        time.sleep(2)
+        assert run.poll() is None  # still up after the results
+        try:
+            status = urlopen(url, timeout=10).status
+        except HTTPError as refused:  # token authentication: up, and asking who we are
+            status = refused.code
+        assert status in (200, 401, 403)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == 0
+        assert "stopping the local Ray" in run.stdout.read()
+    finally:
+        if run.poll() is None:
+            run.kill()

@@ -41,17 +41,21 @@ def _spec(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
-    from volume_ray.driver import run_sweep
+    import ray
+
+    from volume_ray.driver import connect, keep_dashboard_up, run_sweep
     from volume_ray.experiment import check_runnable
     from volume_ray.locations import exists
     from volume_ray.results import TABLES
 
     spec = _spec(args)
     check_runnable(spec)
-    started = time.perf_counter()
+    began = time.perf_counter()
+    # --keep-dashboard: this process holds the Ray it may start, past run_sweep's end
+    held = connect(args.address) if args.keep_dashboard else False
     store = run_sweep(spec, args.storage, address=args.address, stages=stages)
     where = store.location
-    print(f"\n{spec.name}: done in {time.perf_counter() - started:.0f} s, results in {where}")
+    print(f"\n{spec.name}: done in {time.perf_counter() - began:.0f} s, results in {where}")
     if exists(store.volumes_path):
         _print_volumes(where)
         paths = {"models": store.models_path, "radii": store.radii,
@@ -64,6 +68,11 @@ def _run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
             ),
             end="",
         )
+    if held:
+        keep_dashboard_up()
+        ray.shutdown()
+    elif args.keep_dashboard:
+        print("--keep-dashboard: this run joined a cluster, which stays up anyway")
     return 0
 
 
@@ -265,6 +274,10 @@ def _parser() -> argparse.ArgumentParser:
             "such as s3://bucket/prefix",
         )  # fmt: skip
         command.add_argument("--address", default=None, help="Ray cluster to join")
+        command.add_argument(
+            "--keep-dashboard", action="store_true",
+            help="keep the local Ray and its dashboard up after the run, until Ctrl-C",
+        )  # fmt: skip
         command.set_defaults(run=lambda args, stages=stages: _run(args, stages))
     validate = commands.add_parser("validate", help="check a spec and print its plan")
     _spec_options(validate)

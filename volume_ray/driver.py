@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -372,12 +373,30 @@ def connect(address: str | None) -> bool:
     # Under `ray job submit` (and KubeRay's RayJob) the cluster comes as RAY_ADDRESS.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        ray.init(address=address, log_to_driver=False)
+        context = ray.init(address=address, log_to_driver=False)
     except (ConnectionError, ray.exceptions.AuthenticationError) as error:
         # Ray's last words name the cause: no token, a wrong token, nothing listening
         cause = str(error.__cause__ or error).strip().splitlines()[-1]
         raise RuntimeError(f"cannot join the Ray cluster at {address}: {cause}") from None
+    if address == "local" and context.dashboard_url:
+        print(
+            f"Ray dashboard: http://{context.dashboard_url} (it asks for the token that "
+            "`ray get-auth-token` prints)",
+            flush=True,
+        )
     return True
+
+
+def keep_dashboard_up() -> None:
+    """Hold the local Ray, and its dashboard, until Ctrl-C: a short run's tasks, actors
+    and metrics stay there to be read."""
+    print("the local Ray and its dashboard stay up; Ctrl-C to stop", flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Tune leaves its own behind
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the local Ray", flush=True)
 
 
 def check_store_from_every_node(store: SweepStore) -> None:
