@@ -122,3 +122,32 @@ def test_queries_through_a_filesystem_uri_filters_and_joins(smoke_runs):
     assert set(joined.estimator) == estimators
     with pytest.raises(ValueError, match="no column 'temperature'"):
         load_table(root, "volumes", temperature=1)
+
+
+def test_the_html_report_renders_in_a_real_browser(smoke_runs, tmp_path):
+    """report/index.html, one self-contained file, in headless Chromium: its text, every
+    figure loaded (the page counts them), and a screenshot of it."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "Chromium is missing: .ci/run installs it (apt-get install chromium)"
+    root = smoke_runs["digits_data_scaling"].root
+    page = write_report(root) / "index.html"
+    text = page.read_text()
+    assert 'src="data:image/png;base64,' in text and 'src="volume' not in text  # embedded
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}"]
+    dom = subprocess.run(
+        [*flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert 'data-images="8"' in dom and 'data-images-loaded="8"' in dom
+    for words in ("How many directions carry each estimator", "Power law of volume",
+                  "models.parquet", "digits-data-scaling-smoke", "<table>"):  # fmt: skip
+        assert words in dom, words
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1200,2000", page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert shot.stat().st_size > 20_000

@@ -1,19 +1,23 @@
-"""`volume-ray report DIR`: the figures and a Markdown summary, written into the store's
-`report/` folder through its filesystem (figures are rendered to bytes), so a report of a
-sweep on an object store lands beside its tables."""
+"""`volume-ray report DIR`: the figures, a Markdown summary and the same as one
+self-contained HTML page (`html_report`), written into the store's `report/` folder
+through its filesystem (figures are rendered to bytes), so a report of a sweep on an
+object store lands beside its tables."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import yaml
 from torch import nn
 
 from volume_ray.analysis import figures
 from volume_ray.analysis.cutoffs import cutoff_size, per_sample_losses
+from volume_ray.analysis.html_report import html_report
 from volume_ray.analysis.ranks import (
     adjacent_inversions,
     own_minimum_is_largest,
@@ -64,14 +68,16 @@ def _trained(spec, data, store: SweepStore, row) -> nn.Module:
     return network
 
 
-def _write_figure(figure, location: Path | str) -> None:
-    write_atomic(location, lambda sink: figure.savefig(sink, format="png", dpi=110))
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
+    return buffer.getvalue()
 
 
 def write_report(sweep_dir: str | os.PathLike) -> Path | str:
-    """Write `report/` (PNG figures and summary.md) into the sweep folder, a path or a
-    URI; return its location (a `Path` for a local sweep)."""
+    """Write `report/` (PNG figures, summary.md and index.html) into the sweep folder, a
+    path or a URI; return its location (a `Path` for a local sweep)."""
     store = SweepStore.at(sweep_dir)
     spec = load_spec(store.recorded_spec())
     models, volumes, radii = (load_table(store.root, t) for t in ("models", "volumes", "radii"))
@@ -80,12 +86,13 @@ def write_report(sweep_dir: str | os.PathLike) -> Path | str:
     base = int(volumes.landscape_size.min())
     cut = cutoffs(spec, store, models)
     quadratic = "radius_quadratic" in radii and radii.radius_quadratic.notna().any()
-    drawn = []
+    drawn: dict[str, bytes] = {}
 
     def draw(name: str, figure) -> None:  # written at once: a sweep may have many figures
         if figure is not None:
-            _write_figure(figure, join(out, f"{name}.png"))
-            drawn.append(f"{name}.png")
+            png = _png(figure)
+            write_atomic(join(out, f"{name}.png"), lambda sink: sink.write(png))
+            drawn[f"{name}.png"] = png
 
     for threshold in spec.volume.thresholds:
         tag = f"T{threshold:g}"
@@ -118,9 +125,23 @@ def write_report(sweep_dir: str | os.PathLike) -> Path | str:
     if curvature is not None:
         draw("spectrum", figures.spectrum(curvature, base))
     draw("loss_slice", _slice_through_three_minima(spec, store, models))
-    summary = _summary(spec, models, volumes, radii, curvature, cut, drawn).encode()
-    write_atomic(join(out, "summary.md"), lambda sink: sink.write(summary))
+    summary = _summary(spec, models, volumes, radii, curvature, cut, list(drawn))
+    write_atomic(join(out, "summary.md"), lambda sink: sink.write(summary.encode()))
+    tables = [name for name, path in _table_files(store) if exists(path)]
+    spec_yaml = yaml.safe_dump(store.recorded_spec(), sort_keys=False)
+    page = html_report(summary, drawn, spec_yaml, tables).encode()
+    write_atomic(join(out, "index.html"), lambda sink: sink.write(page))
     return out
+
+
+def _table_files(store: SweepStore) -> list[tuple[str, object]]:
+    """The Parquet tables a report links to, by their name in the sweep folder."""
+    return [
+        ("models.parquet", store.models_path),
+        ("volumes.parquet", store.volumes_path),
+        ("curvature.parquet", store.curvature_path),
+        ("radii/", store.radii),
+    ]
 
 
 def carried_by(rows: pd.DataFrame) -> str:
