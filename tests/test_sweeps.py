@@ -151,3 +151,32 @@ def test_the_html_report_renders_in_a_real_browser(smoke_runs, tmp_path):
         capture_output=True, timeout=120, check=True,
     )  # fmt: skip
     assert shot.stat().st_size > 20_000
+
+
+def test_animate_writes_gifs_of_training_and_of_three_minima(tmp_path, capsys):
+    """A digits sweep keeping epochs 20 and 40 of 60: the training slice has a frame per
+    kept epoch and the final one, the surface the frames asked for, each 640 x 480."""
+    from PIL import Image
+
+    spec = {
+        "name": "kept-epochs",
+        "dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0, 60, 180]},
+        "model": {"name": "mlp", "hidden": [8]},
+        "train": {"epochs": 60, "lr": 0.01, "seeds": [0], "checkpoint_epochs": [20, 40]},
+        "volume": {"directions": 4, "shard_size": 4},
+    }
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        store = run_sweep(load_spec(spec), str(tmp_path), progress=False)
+    finally:
+        ray.shutdown()
+    assert main(["animate", str(store.root), "--frames", "6"]) == 0
+    out = store.root / "report" / "animations"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "minima_surface.gif", "training_slice_n60-bfull-adamw-s0.gif"
+    ]  # fmt: skip
+    for name, frames in (("training_slice_n60-bfull-adamw-s0.gif", 3), ("minima_surface.gif", 6)):
+        with Image.open(out / name) as gif:
+            assert gif.n_frames == frames and gif.size == (640, 480)
+    assert "wrote" in capsys.readouterr().out
+    assert main(["animate", str(store.root), "--model", "nobody"]) == 2

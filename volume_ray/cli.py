@@ -192,6 +192,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _animate(args: argparse.Namespace) -> int:
+    from volume_ray.analysis.report import write_animations
+
+    written = write_animations(args.dir, model_id=args.model, frames=args.frames)
+    if not written:
+        print("nothing to animate: the sweep keeps no epochs and has fewer than three minima")
+    for location in written:
+        print(f"wrote {location}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
@@ -294,6 +305,17 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="figures and a Markdown summary of a sweep")
     report.add_argument("dir", help=SWEEP_DIR_HELP)
     report.set_defaults(run=_report)
+    animate = commands.add_parser(
+        "animate", help="GIFs of the loss slice over training and the three minima's surface"
+    )
+    animate.add_argument("dir", help=SWEEP_DIR_HELP)
+    animate.add_argument(
+        "--model", default=None, help="a model with kept epochs (default: the first)"
+    )
+    animate.add_argument(
+        "--frames", type=_positive_int, default=36, help="views of the turning surface"
+    )
+    animate.set_defaults(run=_animate)
     demo = commands.add_parser(
         "demo", help="train an MLP on the embedded digits set and measure it, without Ray"
     )

@@ -16,6 +16,11 @@ import yaml
 from torch import nn
 
 from volume_ray.analysis import figures
+from volume_ray.analysis.animations import (
+    gif_bytes,
+    rotating_surface_frames,
+    training_slice_frames,
+)
 from volume_ray.analysis.cutoffs import cutoff_size, per_sample_losses
 from volume_ray.analysis.html_report import html_report
 from volume_ray.analysis.ranks import (
@@ -34,7 +39,7 @@ from volume_ray.results import load_table
 from volume_ray.spec import load_spec
 from volume_ray.store import SweepStore
 
-__all__ = ["carried_by", "cutoffs", "ess_table", "write_report"]
+__all__ = ["carried_by", "cutoffs", "ess_table", "write_animations", "write_report"]
 
 RANKED = ("paper", "typical")  # the estimators whose ranks the summary compares
 
@@ -134,6 +139,53 @@ def write_report(sweep_dir: str | os.PathLike) -> Path | str:
     return out
 
 
+def write_animations(
+    sweep_dir: str | os.PathLike, model_id: str | None = None, frames: int = 36
+) -> list[Path | str]:
+    """Write `report/animations/`: the loss slice through `model_id`'s kept epochs over
+    training (None: the smallest trial with kept epochs; none without `checkpoint_epochs`)
+    and the surface through three minima, turning in `frames` views. Returns the GIFs
+    written."""
+    store = SweepStore.at(sweep_dir)
+    spec = load_spec(store.recorded_spec())
+    models = load_table(store.root, "models")
+    out, written = join(store.root, "report", "animations"), []
+
+    def write(name: str, images) -> None:
+        data = gif_bytes(images, milliseconds=400 if name.startswith("training") else 120)
+        write_atomic(join(out, name), lambda sink: sink.write(data))
+        written.append(join(out, name))
+
+    kept = models[models.model_id.str.contains(r"-e\d+$")]
+    if model_id is None and not kept.empty:
+        first = kept.sort_values(["train_size", "seed", "model_id"]).model_id.iloc[0]
+        model_id = first.rsplit("-e", 1)[0]
+    if model_id is not None:
+        rows = models[
+            (models.model_id == model_id) | models.model_id.str.startswith(f"{model_id}-e")
+        ]
+        if rows.empty:
+            raise ValueError(f"model {model_id!r} is not in {store.location}/models.parquet")
+        data = experiment_data(spec)
+        checkpoints = [
+            (int(row.epochs), _trained(spec, data, store, row))
+            for row in rows.sort_values("epochs").itertuples()
+        ]  # fmt: skip
+        thresholds = spec.volume.thresholds if spec.volume.metric == "loss" else []
+        images = training_slice_frames(
+            checkpoints, data.base_x, data.base_y, loss_for_task(data.source.task),
+            landscape=len(data.base_x), thresholds=thresholds, seed=spec.volume.seed,
+        )  # fmt: skip
+        write(f"training_slice_{model_id}.gif", images)
+    plane = three_minima_plane(spec, store, models)
+    if plane is not None:
+        a, b, losses, labels, landscape = plane
+        write("minima_surface.gif", rotating_surface_frames(
+            a, b, losses, labels, landscape=landscape, frames=frames
+        ))  # fmt: skip
+    return written
+
+
 def _table_files(store: SweepStore) -> list[tuple[str, object]]:
     """The Parquet tables a report links to, by their name in the sweep folder."""
     return [
@@ -186,10 +238,22 @@ def ess_table(volumes: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
 
 
 def _slice_through_three_minima(spec, store: SweepStore, models: pd.DataFrame):
-    """Fig. 1: the smallest, a middle and the largest training set's minima (first
-    seed), in the base landscape; None with fewer than three minima."""
+    """Fig. 1 (`three_minima_plane`); None with fewer than three minima."""
+    plane = three_minima_plane(spec, store, models)
+    if plane is None:
+        return None
+    a, b, losses, labels, landscape = plane
+    thresholds = spec.volume.thresholds if spec.volume.metric == "loss" else []
+    return figures.loss_slice(a, b, losses, labels, landscape=landscape, thresholds=thresholds)
+
+
+def three_minima_plane(spec, store: SweepStore, models: pd.DataFrame):
+    """The loss plane through the smallest, a middle and the largest training set's
+    minima (first seed, final weights), in the base landscape: (a, b, losses, labels,
+    landscape size); None with fewer than three minima."""
     seed = models.seed.min()
-    chosen = models[models.seed == seed].sort_values("train_size")
+    final = ~models.model_id.str.contains(r"-e\d+$")
+    chosen = models[(models.seed == seed) & final].sort_values("train_size")
     if len(chosen) < 3:
         return None
     chosen = chosen.iloc[[0, len(chosen) // 2, len(chosen) - 1]]
@@ -197,10 +261,7 @@ def _slice_through_three_minima(spec, store: SweepStore, models: pd.DataFrame):
     minima = [_trained(spec, data, store, row) for row in chosen.itertuples()]
     a, b, losses = loss_plane(minima, data.base_x, data.base_y, loss_for_task(data.source.task))
     labels = [f"n={size}" for size in chosen.train_size]
-    thresholds = spec.volume.thresholds if spec.volume.metric == "loss" else []
-    return figures.loss_slice(
-        a, b, losses, labels, landscape=len(data.base_x), thresholds=thresholds
-    )
+    return a, b, losses, labels, len(data.base_x)
 
 
 def _summary(spec, models, volumes, radii, curvature, cut, drawn) -> str:
