@@ -204,6 +204,8 @@ def test_custom_metrics_are_on_every_node_metrics_endpoint(cluster, spread_store
     assert names <= {s.name for s in samples}
     assert all(per_node.values())  # every node exports its own actor's metrics
     for s in samples:
+        if s.name.startswith("ray_volume_ray_tasks_"):  # the driver's, tagged by sweep only
+            continue
         assert s.labels["model"] in set(radii.model_id)
         assert int(s.labels["landscape"]) in set(radii.landscape_size)
 
