@@ -230,7 +230,6 @@ def cells(name, model, x, y, loss_fn, thresholds, max_coefficient, peak, deadlin
             if flops is None:
                 flops = flops_per_direction(meter)
         except torch.cuda.OutOfMemoryError:
-            meter = None
             rows.append({"model": name, "points_per_pass": points, "skipped": "out of memory"})
             break  # larger passes would not fit either
         achieved = rate * flops / 1e12

@@ -199,31 +199,27 @@ class HessianOperator:
 
     def _by_rows(self, fn: Callable, rows: torch.Tensor) -> torch.Tensor:
         """fn of each row, in float64, at the operator's float32 precision (forward and
-        backward passes alike)."""
+        backward passes alike): vmapped, or one row per pass where the model or loss
+        cannot be batched (warned once)."""
         with float32_precision(self.allow_tf32):
-            return self._by_rows_now(fn, rows)
-
-    def _by_rows_now(self, fn: Callable, rows: torch.Tensor) -> torch.Tensor:
-        """fn of each row, in float64: vmapped, or one row per pass where the model or
-        loss cannot be batched (warned once)."""
-        if len(rows) > 1 and self._vmap:
+            if len(rows) > 1 and self._vmap:
+                try:
+                    return vmap(fn)(rows).double()
+                except (RuntimeError, NotImplementedError) as error:
+                    warnings.warn(
+                        f"this model or loss cannot be batched with torch.func.vmap ({error}); "
+                        "its derivatives are taken one vector per pass instead (slower)",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    self._vmap = False
             try:
-                return vmap(fn)(rows).double()
-            except (RuntimeError, NotImplementedError) as error:
-                warnings.warn(
-                    f"this model or loss cannot be batched with torch.func.vmap ({error}); "
-                    "its derivatives are taken one vector per pass instead (slower)",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-                self._vmap = False
-        try:
-            return torch.stack([fn(row) for row in rows]).double()
-        except (RuntimeError, NotImplementedError, TypeError) as error:
-            raise ValueError(
-                "model and loss_fn must be twice differentiable: torch.func.jvp over "
-                f"torch.func.grad fails on them: {error}"
-            ) from error
+                return torch.stack([fn(row) for row in rows]).double()
+            except (RuntimeError, NotImplementedError, TypeError) as error:
+                raise ValueError(
+                    "model and loss_fn must be twice differentiable: torch.func.jvp over "
+                    f"torch.func.grad fails on them: {error}"
+                ) from error
 
 
 def _hvp(fn: Callable, primal: torch.Tensor, tangent: torch.Tensor, y: torch.Tensor):

@@ -42,6 +42,7 @@ from volume_ray.store import SweepStore
 __all__ = ["carried_by", "cutoffs", "ess_table", "write_animations", "write_report"]
 
 RANKED = ("paper", "typical")  # the estimators whose ranks the summary compares
+KEPT_EPOCH = r"-e\d+$"  # the end of a kept epoch's model id (`spec.checkpoint_id`)
 
 
 def cutoffs(spec, store: SweepStore, models: pd.DataFrame) -> pd.DataFrame:
@@ -156,7 +157,7 @@ def write_animations(
         write_atomic(join(out, name), lambda sink: sink.write(data))
         written.append(join(out, name))
 
-    kept = models[models.model_id.str.contains(r"-e\d+$")]
+    kept = models[models.model_id.str.contains(KEPT_EPOCH)]
     if model_id is None and not kept.empty:
         first = kept.sort_values(["train_size", "seed", "model_id"]).model_id.iloc[0]
         model_id = first.rsplit("-e", 1)[0]
@@ -252,7 +253,7 @@ def three_minima_plane(spec, store: SweepStore, models: pd.DataFrame):
     minima (first seed, final weights), in the base landscape: (a, b, losses, labels,
     landscape size); None with fewer than three minima."""
     seed = models.seed.min()
-    final = ~models.model_id.str.contains(r"-e\d+$")
+    final = ~models.model_id.str.contains(KEPT_EPOCH)
     chosen = models[(models.seed == seed) & final].sort_values("train_size")
     if len(chosen) < 3:
         return None
