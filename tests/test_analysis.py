@@ -394,3 +394,23 @@ def test_the_loss_slice_names_its_landscape_and_draws_the_thresholds():
     labels = {text.get_text() for text in contour.texts}
     assert {"T=0.1", "T=0.5"} <= labels
     plt.close(figure)
+
+
+def test_mp4_is_written_with_the_encoder_and_skipped_without_it(monkeypatch, tmp_path):
+    """An MP4 (an ISO media file: `ftyp` at byte 4) from imageio's ffmpeg writer, and
+    None, not an error, where that encoder is not installed."""
+    import sys
+
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    from volume_ray.analysis.animations import mp4_bytes
+
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ("red", "green", "blue")]
+    data = mp4_bytes(frames, milliseconds=100)
+    assert data[4:8] == b"ftyp"
+    (tmp_path / "a.mp4").write_bytes(data)
+    with imageio.get_reader(tmp_path / "a.mp4", format="FFMPEG") as video:
+        assert video.count_frames() == 3 and video.get_meta_data()["fps"] == 10
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import raises ImportError
+    assert mp4_bytes(frames, milliseconds=100) is None

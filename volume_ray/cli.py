@@ -306,7 +306,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help=SWEEP_DIR_HELP)
     report.set_defaults(run=_report)
     animate = commands.add_parser(
-        "animate", help="GIFs of the loss slice over training and the three minima's surface"
+        "animate",
+        help="GIFs (and MP4s, with the video extra) of the loss slice over training and of "
+        "the three minima's surface",
     )
     animate.add_argument("dir", help=SWEEP_DIR_HELP)
     animate.add_argument(

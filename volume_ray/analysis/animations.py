@@ -1,4 +1,5 @@
-"""Loss-landscape animations, written as GIFs with Pillow (no encoder to download).
+"""Loss-landscape animations, written as GIFs with Pillow (no encoder to download), and
+as MP4 too where imageio's ffmpeg encoder is installed (the `video` extra).
 
 - `training_slice_frames`: the loss on a 2-D slice through a model's weights at each
   kept epoch (`train.checkpoint_epochs`), w_e + a·d1 + b·d2, with two seeded directions
@@ -11,6 +12,8 @@
 from __future__ import annotations
 
 import io
+import tempfile
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -21,7 +24,7 @@ from torch.func import functional_call
 
 from volume_ray.directions import FilterNorm, perturbed_parameters, raw_directions
 
-__all__ = ["gif_bytes", "rotating_surface_frames", "training_slice_frames"]
+__all__ = ["gif_bytes", "mp4_bytes", "rotating_surface_frames", "training_slice_frames"]
 
 FRAME_SIZE = (6.4, 4.8)  # inches, at DPI: 640 x 480 pixels
 DPI = 100
@@ -106,3 +109,19 @@ def gif_bytes(frames: list[Image.Image], milliseconds: int) -> bytes:
     first.save(buffer, format="GIF", save_all=True, append_images=rest, duration=milliseconds,
                loop=0)  # fmt: skip
     return buffer.getvalue()
+
+
+def mp4_bytes(frames: list[Image.Image], milliseconds: int) -> bytes | None:
+    """The frames as an H.264 MP4, `milliseconds` each, through imageio's ffmpeg
+    writer; None where that encoder is not installed."""
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (the encoder binary imageio's writer runs)
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as folder:  # ffmpeg seeks in its output: a file
+        path = Path(folder) / "animation.mp4"
+        with imageio.get_writer(path, format="FFMPEG", fps=1000 / milliseconds) as writer:
+            for frame in frames:
+                writer.append_data(np.asarray(frame))
+        return path.read_bytes()

@@ -18,6 +18,7 @@ from torch import nn
 from volume_ray.analysis import figures
 from volume_ray.analysis.animations import (
     gif_bytes,
+    mp4_bytes,
     rotating_surface_frames,
     training_slice_frames,
 )
@@ -39,7 +40,9 @@ from volume_ray.results import load_table
 from volume_ray.spec import load_spec
 from volume_ray.store import SweepStore
 
-__all__ = ["carried_by", "cutoffs", "ess_table", "write_animations", "write_report"]
+__all__ = [
+    "carried_by", "cutoffs", "ess_table", "png_bytes", "write_animations", "write_report",
+]  # fmt: skip
 
 RANKED = ("paper", "typical")  # the estimators whose ranks the summary compares
 KEPT_EPOCH = r"-e\d+$"  # the end of a kept epoch's model id (`spec.checkpoint_id`)
@@ -74,7 +77,8 @@ def _trained(spec, data, store: SweepStore, row) -> nn.Module:
     return network
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
+    """The figure as PNG bytes, closed after: a sweep may draw many."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
@@ -96,7 +100,7 @@ def write_report(sweep_dir: str | os.PathLike) -> Path | str:
 
     def draw(name: str, figure) -> None:  # written at once: a sweep may have many figures
         if figure is not None:
-            png = _png(figure)
+            png = png_bytes(figure)
             write_atomic(join(out, f"{name}.png"), lambda sink: sink.write(png))
             drawn[f"{name}.png"] = png
 
@@ -145,17 +149,20 @@ def write_animations(
 ) -> list[Path | str]:
     """Write `report/animations/`: the loss slice through `model_id`'s kept epochs over
     training (None: the smallest trial with kept epochs; none without `checkpoint_epochs`)
-    and the surface through three minima, turning in `frames` views. Returns the GIFs
-    written."""
+    and the surface through three minima, turning in `frames` views, as GIFs (and MP4s
+    where an encoder is installed). Returns the files written."""
     store = SweepStore.at(sweep_dir)
     spec = load_spec(store.recorded_spec())
     models = load_table(store.root, "models")
     out, written = join(store.root, "report", "animations"), []
 
-    def write(name: str, images) -> None:
-        data = gif_bytes(images, milliseconds=400 if name.startswith("training") else 120)
-        write_atomic(join(out, name), lambda sink: sink.write(data))
-        written.append(join(out, name))
+    def write(stem: str, images) -> None:
+        milliseconds = 400 if stem.startswith("training") else 120
+        for suffix, data in ((".gif", gif_bytes(images, milliseconds)),
+                             (".mp4", mp4_bytes(images, milliseconds))):  # fmt: skip
+            if data is not None:  # no MP4 without an encoder
+                write_atomic(join(out, stem + suffix), lambda sink, data=data: sink.write(data))
+                written.append(join(out, stem + suffix))
 
     kept = models[models.model_id.str.contains(KEPT_EPOCH)]
     if model_id is None and not kept.empty:
@@ -177,11 +184,11 @@ def write_animations(
             checkpoints, data.base_x, data.base_y, loss_for_task(data.source.task),
             landscape=len(data.base_x), thresholds=thresholds, seed=spec.volume.seed,
         )  # fmt: skip
-        write(f"training_slice_{model_id}.gif", images)
+        write(f"training_slice_{model_id}", images)
     plane = three_minima_plane(spec, store, models)
     if plane is not None:
         a, b, losses, labels, landscape = plane
-        write("minima_surface.gif", rotating_surface_frames(
+        write("minima_surface", rotating_surface_frames(
             a, b, losses, labels, landscape=landscape, frames=frames
         ))  # fmt: skip
     return written
