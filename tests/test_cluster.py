@@ -147,15 +147,64 @@ def _shard_nodes(store: Path) -> list[str]:
     ]
 
 
+@dataclass
+class SpreadRun:
+    store: Path
+    seen: dict[str, set[str]]  # "tasks" and "actors": the names the state API listed
+
+
+def _listed(cluster: LocalCluster) -> dict[str, set[str]]:
+    """The names of every task and actor the cluster's state API lists now."""
+    listed = _python(
+        "import json\n"
+        "from ray.util.state import list_actors, list_tasks\n"
+        f"where = dict(address={cluster.dashboard!r}, limit=10000, raise_on_missing_output=False)\n"
+        "names = {'tasks': [t.name for t in list_tasks(**where)],\n"
+        "         'actors': [a.name for a in list_actors(**where)]}\n"
+        "print(json.dumps(names))",
+        cluster.env,
+    )
+    if listed.returncode != 0:  # the cluster is busy; the next poll will do
+        return {"tasks": set(), "actors": set()}
+    return {k: set(v) for k, v in json.loads(listed.stdout.strip().splitlines()[-1]).items()}
+
+
 @pytest.fixture(scope="module")
-def spread_store(cluster, tmp_path_factory) -> Path:
-    """SPREAD run with `volume-ray run --address`."""
+def spread_run(cluster, tmp_path_factory) -> SpreadRun:
+    """SPREAD run with `volume-ray run --address`, its tasks and actors read through
+    Ray's state API while it runs."""
     folder = tmp_path_factory.mktemp("spread")
     spec = _write_spec(folder, SPREAD)
     command = ["volume-ray", "run", spec, "--address", cluster.address, "--storage", folder]
-    done = _run(command, cluster.env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder / "spread"
+    log = folder / "run.log"
+    with log.open("w") as sink:
+        run = subprocess.Popen([str(c) for c in command], env=cluster.env, stdout=sink,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+        seen: dict[str, set[str]] = {"tasks": set(), "actors": set()}
+        while run.poll() is None:
+            for kind, names in _listed(cluster).items():
+                seen[kind] |= names
+    assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
+    return SpreadRun(folder / "spread", seen)
+
+
+@pytest.fixture(scope="module")
+def spread_store(spread_run) -> Path:
+    return spread_run.store
+
+
+def test_the_state_api_lists_the_sweeps_work_by_name_during_the_run(spread_run):
+    """Each shard's task reads `measure <model> L<size> dirs a-b`, for the shards the
+    store holds; the workers are named after the sweep."""
+    measured = {n for n in spread_run.seen["tasks"] if n.startswith("measure ")}
+    radii = pd.read_parquet(spread_run.store / "radii")
+    shards = {
+        f"measure {model} L{size} dirs {start}-{start + 1}"
+        for (model, size), rows in radii.groupby(["model_id", "landscape_size"])
+        for start in range(0, rows.direction.max() + 1, 2)
+    }
+    assert measured and measured <= shards  # seen while running: a shard may be missed
+    assert {f"volume_worker:spread:{i}" for i in range(3)} <= spread_run.seen["actors"]
 
 
 def test_run_with_address_puts_actors_on_every_node(cluster, spread_store):

@@ -127,6 +127,11 @@ def resumable_states(store: SweepStore) -> dict[str, str]:
     return {model_id: location for model_id, (_, location) in newest.items()}
 
 
+def _trial_name(trial) -> str:
+    """A Tune trial's name in its status table and results: `train <model id>`."""
+    return f"train {trial.config['trial']['model_id']}"
+
+
 def _trial_folder(trial) -> str:
     """A Tune trial's folder: its model id, which a later run looks for."""
     return trial.config["trial"]["model_id"]
@@ -192,7 +197,11 @@ def train_stage(
                 "trial": tune.grid_search([asdict(t) for t in todo]),
                 "resume_states": resumable_states(store),
             },
-            tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=_trial_folder),
+            tune_config=tune.TuneConfig(
+                reuse_actors=True,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_folder,
+            ),  # fmt: skip
             run_config=tune.RunConfig(
                 name=f"train-{int(time.time())}",
                 # a URI goes to Tune as it is: trials upload their states through it
