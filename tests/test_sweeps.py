@@ -4,6 +4,7 @@ the analysis reads their stores."""
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -153,11 +154,17 @@ def test_the_html_report_renders_in_a_real_browser(smoke_runs, tmp_path):
     assert shot.stat().st_size > 20_000
 
 
-def test_animate_writes_gifs_of_training_and_of_three_minima(tmp_path, capsys):
-    """A digits sweep keeping epochs 20 and 40 of 60: the training slice has a frame per
-    kept epoch and the final one, the surface the frames asked for, each 640 x 480."""
-    from PIL import Image
+def _run(spec: dict, storage) -> object:
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        return run_sweep(load_spec(spec), str(storage), progress=False)
+    finally:
+        ray.shutdown()
 
+
+@pytest.fixture(scope="module")
+def kept_epochs_run(tmp_path_factory):
+    """A digits sweep keeping epochs 20 and 40 of 60 (the grokking family's shape)."""
     spec = {
         "name": "kept-epochs",
         "dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0, 60, 180]},
@@ -165,18 +172,92 @@ def test_animate_writes_gifs_of_training_and_of_three_minima(tmp_path, capsys):
         "train": {"epochs": 60, "lr": 0.01, "seeds": [0], "checkpoint_epochs": [20, 40]},
         "volume": {"directions": 4, "shard_size": 4},
     }
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        store = run_sweep(load_spec(spec), str(tmp_path), progress=False)
-    finally:
-        ray.shutdown()
+    return _run(spec, tmp_path_factory.mktemp("kept"))
+
+
+def test_animate_writes_gifs_and_mp4s_of_training_and_of_three_minima(kept_epochs_run, capsys):
+    """The training slice has a frame per kept epoch and the final one, the surface the
+    frames asked for, each 640 x 480, as GIF and as MP4 (the test extra installs the
+    encoder)."""
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    store = kept_epochs_run
     assert main(["animate", str(store.root), "--frames", "6"]) == 0
     out = store.root / "report" / "animations"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "minima_surface.gif", "training_slice_n60-bfull-adamw-s0.gif"
-    ]  # fmt: skip
-    for name, frames in (("training_slice_n60-bfull-adamw-s0.gif", 3), ("minima_surface.gif", 6)):
-        with Image.open(out / name) as gif:
+    stems = {"training_slice_n60-bfull-adamw-s0": 3, "minima_surface": 6}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{stem}{suffix}" for stem in stems for suffix in (".gif", ".mp4")
+    )
+    for stem, frames in stems.items():
+        with Image.open(out / f"{stem}.gif") as gif:
             assert gif.n_frames == frames and gif.size == (640, 480)
+        with imageio.get_reader(out / f"{stem}.mp4", format="FFMPEG") as video:
+            assert video.count_frames() == frames
+            assert video.get_meta_data()["size"] == (640, 480)
     assert "wrote" in capsys.readouterr().out
     assert main(["animate", str(store.root), "--model", "nobody"]) == 2
+
+
+def _paper_figures():
+    """analysis/paper_figures.py, the researcher's script, as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "analysis" / "paper_figures.py"
+    loaded = importlib.util.spec_from_file_location("paper_figures", path)
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    return module
+
+
+def test_paper_figures_for_four_families(smoke_runs, kept_epochs_run, tmp_path, capsys):
+    """Data scaling, grokking, poison and SAM, each told from its spec; the files land
+    in report/paper/, and the drawn means are the stored volumes' and accuracies'."""
+    from volume_ray.analysis.families import families_of, family_figures
+
+    poison_sam = _run(
+        {
+            "name": "poison-sam",
+            "dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0, 30],
+                        "extra_kind": "poison"},
+            "model": {"name": "mlp", "hidden": [16]},
+            "train": {"epochs": 150, "lr": 0.01, "seeds": [0, 1], "sam_rhos": [0.0, 0.05]},
+            "volume": {"directions": 4, "shard_size": 4, "thresholds": [0.5]},
+        },
+        tmp_path,
+    )  # fmt: skip
+    script = _paper_figures()
+    expected = {
+        smoke_runs["digits_data_scaling"]: (["data_scaling"], 3),
+        kept_epochs_run: (["data_scaling", "grokking"], 4),
+        poison_sam: (["poison", "sam"], 2),
+    }
+    for store, (families, per_threshold) in expected.items():
+        spec = load_spec(store.spec_path)
+        assert families_of(spec) == families
+        assert script.main([str(store.root)]) == 0
+        pngs = sorted((store.root / "report" / "paper").glob("*.png"))
+        assert len(pngs) == per_threshold * len(spec.volume.thresholds)
+        assert all(p.stat().st_size > 10_000 for p in pngs)
+    assert "wrote" in capsys.readouterr().out
+
+    models, volumes = load_table(poison_sam.root, "models"), load_table(poison_sam.root, "volumes")
+    paper = volumes[(volumes.estimator == "paper") & (volumes.threshold == 0.5)]
+    for family, x, variants in (("poison", [0, 30], 2), ("sam", [60, 90], 2)):
+        (figure,) = family_figures(family, volumes, models, 60, 0.5).values()
+        left, right = figure.axes
+        assert len(left.containers) == variants == len(right.containers)
+        for container in left.containers:  # each variant's mean over its two seeds
+            line = container.lines[0]
+            assert list(line.get_xdata()) == x
+            optimizer = "adamw+sam0.05" if "sam" in container.get_label() else "adamw"
+            rows = paper.merge(models, on="model_id")
+            rows = rows[rows.optimizer == optimizer]
+            means = rows.groupby("train_size").log_volume.mean().to_numpy()
+            assert np.isfinite(means).all()  # trained below the threshold: basins exist
+            np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), means)
+        plt.close(figure)
+    with pytest.raises(ValueError, match="family must be one of"):
+        family_figures("dropout", volumes, models, 60, 0.5)
+    with pytest.raises(ValueError, match="estimator 'laplace' has no rows"):
+        script.write_paper_figures(poison_sam.root, "laplace")
