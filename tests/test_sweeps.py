@@ -257,6 +257,11 @@ def test_paper_figures_for_four_families(smoke_runs, kept_epochs_run, tmp_path, 
             assert np.isfinite(means).all()  # trained below the threshold: basins exist
             np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), means)
         plt.close(figure)
+    kept = [load_table(kept_epochs_run.root, t) for t in ("volumes", "models")]
+    (figure,) = family_figures("grokking", *kept, 60, 0.1).values()
+    (container,) = figure.axes[0].containers  # one trial: its kept epochs and its end
+    assert list(container.lines[0].get_xdata()) == [20, 40, 60]
+    plt.close(figure)
     with pytest.raises(ValueError, match="family must be one of"):
         family_figures("dropout", volumes, models, 60, 0.5)
     with pytest.raises(ValueError, match="estimator 'laplace' has no rows"):

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from volume_ray.analysis import figures  # noqa: E402
+from volume_ray.analysis.report import KEPT_EPOCH  # noqa: E402
 from volume_ray.analysis.trends import with_variant  # noqa: E402
 from volume_ray.spec import SweepSpec  # noqa: E402
 
@@ -80,7 +81,7 @@ def family_figures(
         )
     }
     if family == "data_scaling":
-        final = models[~models.model_id.str.contains(r"-e\d+$")]
+        final = models[~models.model_id.str.contains(KEPT_EPOCH)]
         drawn["data_scaling_fig4_top"] = figures.volume_against_train_size(
             volumes, final, threshold
         )
@@ -107,8 +108,8 @@ def _joined(volumes: pd.DataFrame, models: pd.DataFrame, base_size: int) -> pd.D
     facts = with_variant(models)
     facts = facts.assign(
         extras=facts.train_size - base_size,
-        kept_epoch=facts.model_id.str.contains(r"-e\d+$"),
-        variant=facts.variant.str.replace(r"@e\d+$", "", regex=True),
+        kept_epoch=facts.model_id.str.contains(KEPT_EPOCH),
+        variant=facts.variant.str.replace(r"@e\d+$", "", regex=True),  # one line per trial
     )
     columns = ["model_id", "train_size", "batch_size", "epochs", "seed", "test_acc"]
     return volumes.merge(facts[[*columns, "extras", "kept_epoch", "variant"]], on="model_id")
