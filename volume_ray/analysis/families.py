@@ -24,15 +24,21 @@ from volume_ray.spec import SweepSpec  # noqa: E402
 
 __all__ = ["FAMILIES", "families_of", "family_figures"]
 
-# family -> (its figures' variable: a column of the joined table, its axis label, log x?)
+# family -> (its title; its figures' variable, a column of the joined table; the axis
+# label; log x?)
 FAMILIES = {
-    "data_scaling": ("train_size", "training-set size", True),
-    "poison": ("extras", "poisoned samples added", False),
-    "noise": ("extras", "noise samples added", False),
-    "imbalance": ("extras", "class-skewed samples added", False),
-    "batch_size": ("batch_size", "batch size", True),
-    "sam": ("train_size", "training-set size", True),
-    "grokking": ("epochs", "epoch", False),
+    "data_scaling": (
+        "Volume and generalisation against data",
+        "train_size",
+        "training-set size",
+        True,
+    ),
+    "poison": ("Label poisoning", "extras", "poisoned samples added", False),
+    "noise": ("Noise samples", "extras", "noise samples added", False),
+    "imbalance": ("Class imbalance", "extras", "class-skewed samples added", False),
+    "batch_size": ("Batch size", "batch_size", "batch size", True),
+    "sam": ("SAM against AdamW", "train_size", "training-set size", True),
+    "grokking": ("Grokking: volume and test accuracy over training", "epochs", "epoch", False),
 }
 
 
@@ -70,14 +76,14 @@ def family_figures(
     and test accuracy against its variable."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
-    column, label, log_x = FAMILIES[family]
+    title, column, label, log_x = FAMILIES[family]
     chosen = volumes[(volumes.estimator == estimator) & (volumes.landscape_size == base_size)]
     table = _joined(chosen[chosen.threshold == threshold], models, base_size)
     if family != "grokking":  # kept epochs are the grokking family's alone
         table = table[~table.kept_epoch]
     drawn = {
         f"{family}_volume_and_accuracy": _against(
-            table, column, label, log_x, f"{_TITLES[family]} ({estimator}, threshold {threshold})"
+            table, column, label, log_x, f"{title} ({estimator}, threshold {threshold})"
         )
     }
     if family == "data_scaling":
@@ -89,17 +95,6 @@ def family_figures(
             volumes, final, threshold, cutoffs
         )
     return drawn
-
-
-_TITLES = {
-    "data_scaling": "Volume and generalisation against data",
-    "poison": "Label poisoning",
-    "noise": "Noise samples",
-    "imbalance": "Class imbalance",
-    "batch_size": "Batch size",
-    "sam": "SAM against AdamW",
-    "grokking": "Grokking: volume and test accuracy over training",
-}
 
 
 def _joined(volumes: pd.DataFrame, models: pd.DataFrame, base_size: int) -> pd.DataFrame:
