@@ -30,7 +30,7 @@ from volume_ray.spec import SpecError, load_spec, smoke_variant
 from volume_ray.store import SweepStore
 from volume_ray.thermodynamic import thermodynamic_log_volume
 
-BUDGET = {"chains": 16, "steps": 6, "whitening_directions": 100, "seed": 3}
+BUDGET = {"chains": 8, "steps": 4, "whitening_directions": 100, "seed": 3}  # small: fast, still valid
 LADDER = {
     "name": "ladder",
     "dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0]},
@@ -143,7 +143,7 @@ def rung_files(store: SweepStore) -> list:
 def test_another_ladder_budget_keeps_the_radii_and_starts_a_new_ladder(swept, tmp_path):
     shutil.copytree(swept.root, tmp_path / "ladder")
     store = SweepStore(tmp_path, "ladder")
-    more = load_spec({**LADDER, "thermodynamic": {**BUDGET, "chains": 20}})
+    more = load_spec({**LADDER, "thermodynamic": {**BUDGET, "chains": 12}})
     store.claim(more.model_dump(mode="json"))  # no conflict with the recorded spec
     assert not pending_shards(more, store)[0]
     tasks, total = pending_ladders(more, store, trained_pairs(more, store))
