@@ -84,14 +84,14 @@ def test_the_volume_of_an_ellipsoid_at_n_1000_is_within_5_nats_and_covered():
 def test_a_ball_is_measured_exactly():
     """decades = 0: every direction has the same radius, the ladder goes straight to 0."""
     basin = quadratic_basin(50, decades=0.0, seed=2)
-    result = measured(basin, chains=8, steps=4)
+    result = measured(basin, chains=8, steps=4, whitening_directions=500)
     assert result.estimate == pytest.approx(basin.log_volume(THRESHOLD), abs=0.01)
     assert list(result.ladder) == [UNIFORM, 0.0]
 
 
 def test_a_fixed_ladder_has_the_rungs_asked_for():
     basin = quadratic_basin(40, seed=3)
-    result = measured(basin, rungs=5, chains=16, steps=10)
+    result = measured(basin, rungs=5, chains=16, steps=10, whitening_directions=500)
     assert len(result.ladder) == 5 and result.ladder[0] == UNIFORM and result.ladder[-1] == 0
     assert np.all(np.diff(result.ladder[1:]) < 0)
     assert abs(result.estimate - basin.log_volume(THRESHOLD)) <= 3
@@ -101,7 +101,7 @@ def test_the_callers_model_is_left_as_it_was():
     basin = quadratic_basin(30, seed=4)
     basin.model.train()
     before = basin.model.weight.detach().clone()
-    measured(basin, chains=8, steps=4)
+    measured(basin, chains=8, steps=4, whitening_directions=500)
     assert torch.equal(basin.model.weight, before) and basin.model.training
 
 

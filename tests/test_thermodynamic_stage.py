@@ -30,7 +30,7 @@ from volume_ray.spec import SpecError, load_spec, smoke_variant
 from volume_ray.store import SweepStore
 from volume_ray.thermodynamic import thermodynamic_log_volume
 
-BUDGET = {"chains": 8, "steps": 4, "whitening_directions": 100, "seed": 3}  # small: fast, still valid
+BUDGET = {"chains": 8, "steps": 4, "whitening_directions": 100, "seed": 3}  # small, yet valid
 LADDER = {
     "name": "ladder",
     "dataset": {"name": "digits", "base_size": 60, "extra_sizes": [0]},
